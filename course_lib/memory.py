@@ -1,0 +1,245 @@
+"""KV-cache arithmetic: how many elements and bytes a model keeps per generated token.
+
+Pure arithmetic on a few config numbers (standard library only), so that a notebook or a widget can
+show why MLA matters before any tensor exists. The formulas are [V2] Table 1 (DeepSeek-V2, §2.1.4):
+
+    MHA   2 n_h d_h l          every query head has its own key and value
+    GQA   2 n_g d_h l          n_g key/value heads, each shared by n_h / n_g query heads
+    MQA   2 d_h l              one key/value head for all query heads
+    MLA   (d_c + d_h^R) l      the latent c_t^KV (d_c) plus one shared RoPE key k_t^R (d_h^R)
+
+Letters: n_h query heads, n_g key/value heads, d_h per-head width, l layers, d_c = kv_lora_rank,
+d_h^R = qk_rope_head_dim. "Elements" ignore storage precision, as the paper's table does; bytes
+multiply by an element size that may be fractional (6-bit KV quantization is 0.75 bytes/element).
+
+Counted here is what the *absorbed* MLA path caches ([V2] §2.1.2: W^UK folds into W^Q and W^UV into
+W^O). The naive path in DeepSeek-V3's `inference/model.py` caches expanded per-head keys and values
+instead (n_h (d_h + d_h^R) + n_h d_h = 40,960 elements per layer for V3), i.e. more than MHA.
+
+Source tags as in DEEPSEEK_REFERENCE.md: [V2] arXiv 2405.04434, [V3] arXiv 2412.19437,
+[LLM] DeepSeek LLM arXiv 2401.02954, [code] github deepseek-ai/DeepSeek-V3 configs/*.json.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+ATTENTION_KINDS = ("mha", "gqa", "mqa", "mla")
+
+# Bytes per stored element. "6bit" is the average the V2 paper reports for its quantized KV cache
+# ([V2] §3.2.3: "compress each element in its KV cache into 6 bits on average").
+ELEMENT_BYTES: dict[str, float] = {
+    "fp32": 4.0,
+    "bf16": 2.0,
+    "fp16": 2.0,
+    "fp8": 1.0,
+    "int8": 1.0,
+    "6bit": 0.75,
+    "int4": 0.5,
+    "4bit": 0.5,
+}
+
+ElemBytes = float | int | str  # an element size in bytes, or a name from ELEMENT_BYTES
+
+
+def _fail(what: str, fix: str) -> None:
+    raise ValueError(f"{what}. {fix}")
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """The few numbers of a model's attention that decide its KV-cache size ([V2] Table 1)."""
+
+    name: str                   # a short label, e.g. "deepseek-v2"
+    attention: str              # one of ATTENTION_KINDS; decides which Table 1 row applies
+    num_hidden_layers: int      # l: every layer keeps its own cache
+    num_attention_heads: int    # n_h: query heads (MHA caches one K and one V per query head)
+    num_key_value_heads: int    # n_g: K/V heads; = n_h for MHA, 1 for MQA; not used by MLA's cache
+    head_dim: int               # d_h: per-head width (MLA: qk_nope_head_dim = v_head_dim)
+    kv_lora_rank: int = 0       # d_c: MLA's cached latent width; 0 for non-MLA
+    qk_rope_head_dim: int = 0   # d_h^R: MLA's cached shared RoPE key width; 0 for non-MLA
+    source: str = ""            # where the numbers come from (paper section / config.json)
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_KINDS:
+            _fail(f"attention={self.attention!r} is not known", f"Use one of {ATTENTION_KINDS}.")
+        for field in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                _fail(f"{field}={value!r} must be a positive integer", f"Pass {field}=<a positive integer>.")
+        h, kv = self.num_attention_heads, self.num_key_value_heads
+        if self.attention == "mla":
+            if self.kv_lora_rank <= 0:
+                _fail(f"kv_lora_rank={self.kv_lora_rank} must be positive for MLA",
+                      "It is the width of the cached latent c_t^KV (DeepSeek-V2/V3 use 512).")
+            if self.qk_rope_head_dim < 0:
+                _fail(f"qk_rope_head_dim={self.qk_rope_head_dim} is negative",
+                      "It is the width of the shared RoPE key k_t^R (DeepSeek-V2/V3 use 64); 0 means none.")
+            return
+        # Outside MLA these fields would be silently ignored, which hides a wrong `attention` value.
+        if self.kv_lora_rank or self.qk_rope_head_dim:
+            _fail(f"kv_lora_rank={self.kv_lora_rank} and qk_rope_head_dim={self.qk_rope_head_dim} only apply "
+                  f"to MLA, but attention={self.attention!r}",
+                  "Set attention='mla', or leave both at 0.")
+        if not 1 <= kv <= h or h % kv:
+            _fail(f"num_key_value_heads={kv} must divide num_attention_heads={h}",
+                  f"Use a divisor of {h}: {[d for d in range(1, h + 1) if h % d == 0]} (1 = MQA, {h} = MHA).")
+        expected = {"mha": h, "mqa": 1}.get(self.attention)
+        if expected is not None and kv != expected:
+            _fail(f"attention={self.attention!r} needs num_key_value_heads={expected}, got {kv}",
+                  "Use attention='gqa' for any other number of K/V heads.")
+
+
+def element_bytes(elem_bytes: ElemBytes) -> float:
+    """Bytes per element from a number (0.75 for 6 bits) or a name in ELEMENT_BYTES."""
+    if isinstance(elem_bytes, str):
+        if elem_bytes not in ELEMENT_BYTES:
+            _fail(f"element size {elem_bytes!r} is not known", f"Use one of {sorted(ELEMENT_BYTES)} or a number of bytes.")
+        return ELEMENT_BYTES[elem_bytes]
+    if isinstance(elem_bytes, bool) or not isinstance(elem_bytes, (int, float)) or not elem_bytes > 0:
+        _fail(f"element size {elem_bytes!r} must be a positive number of bytes",
+              "E.g. 2 for bf16, 0.75 for 6-bit, or a name such as 'bf16'.")
+    return float(elem_bytes)
+
+
+def elements_per_token_per_layer(spec: CacheSpec) -> int:
+    """Cached elements for one token in one layer: [V2] Table 1 without the factor l."""
+    if spec.attention == "mla":
+        return spec.kv_lora_rank + spec.qk_rope_head_dim  # c_t^KV and the shared k_t^R
+    return 2 * spec.num_key_value_heads * spec.head_dim  # a key and a value per K/V head (n_g = n_h for MHA, 1 for MQA)
+
+
+def elements_per_token(spec: CacheSpec) -> int:
+    """Cached elements for one token across all layers ([V2] Table 1)."""
+    return elements_per_token_per_layer(spec) * spec.num_hidden_layers
+
+
+def bytes_per_token(spec: CacheSpec, elem_bytes: ElemBytes = "bf16") -> float:
+    """Cache bytes for one token across all layers; fractional when elements are under a byte."""
+    return elements_per_token(spec) * element_bytes(elem_bytes)
+
+
+def cache_bytes(spec: CacheSpec, num_tokens: int, batch_size: int = 1, elem_bytes: ElemBytes = "bf16") -> float:
+    """Total cache bytes for `batch_size` sequences of `num_tokens` tokens (prompt + generated)."""
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+        _fail(f"num_tokens={num_tokens!r} must be a non-negative integer", "Pass the context length in tokens.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        _fail(f"batch_size={batch_size!r} must be a positive integer", "Pass how many sequences are cached at once.")
+    # Every token of every sequence keeps its own entry: linear in both, nothing shared across the batch.
+    return bytes_per_token(spec, elem_bytes) * num_tokens * batch_size
+
+
+def equivalent_gqa_groups(spec: CacheSpec) -> float:
+    """The n_g at which GQA with this spec's d_h caches as much as `spec` does.
+
+    [V2] Table 1 caption: with d_c = 4 d_h and d_h^R = d_h / 2, MLA's (d_c + d_h^R) = 9/2 d_h equals
+    GQA's 2 n_g d_h at n_g = 2.25. For MHA/GQA/MQA this is simply the number of K/V heads.
+    """
+    return elements_per_token_per_layer(spec) / (2 * spec.head_dim)
+
+
+def mha_counterpart(spec: CacheSpec) -> CacheSpec:
+    """The same model with plain MHA (one K and V per query head), for "MLA vs MHA" comparisons ([V2] App. D.2)."""
+    return CacheSpec(
+        name=f"{spec.name} (MHA)",
+        attention="mha",
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_attention_heads,
+        head_dim=spec.head_dim,
+        source=f"derived from {spec.name}: n_h, d_h and l kept, K/V per query head",
+    )
+
+
+def kv_cache_reduction(base: CacheSpec, new: CacheSpec,
+                       elem_bytes_base: ElemBytes = "bf16", elem_bytes_new: ElemBytes = "bf16") -> float:
+    """Fraction of `base`'s per-token cache bytes that `new` saves: 1 - bytes(new) / bytes(base).
+
+    With equal element sizes this is the element-count ratio. The [V2] abstract's "reduces the KV
+    cache by 93.3%" (vs DeepSeek 67B) needs V2's 6-bit cache ([V2] §3.2.3) against a 16-bit 67B;
+    counting elements alone gives about 82.2% (DEEPSEEK_REFERENCE.md §1.9).
+    """
+    return 1.0 - bytes_per_token(new, elem_bytes_new) / bytes_per_token(base, elem_bytes_base)
+
+
+def table1(spec: CacheSpec, num_groups: int = 8) -> list[dict]:
+    """[V2] Table 1 evaluated at `spec`'s sizes: one row per attention kind, elements per token.
+
+    `spec` must be MLA (it supplies d_c and d_h^R); MHA/GQA/MQA rows reuse its n_h, d_h and l.
+    """
+    if spec.attention != "mla":
+        _fail(f"table1 needs an MLA spec, got attention={spec.attention!r}",
+              "Pass e.g. PRESETS['deepseek-v2'], which supplies d_c and d_h^R for the MLA row.")
+    h, d, l = spec.num_attention_heads, spec.head_dim, spec.num_hidden_layers
+    rows = [
+        ("MHA", "2 n_h d_h l", 2 * h * d * l),
+        (f"GQA (n_g={num_groups})", "2 n_g d_h l", 2 * num_groups * d * l),
+        ("MQA", "2 d_h l", 2 * d * l),
+        ("MLA", "(d_c + d_h^R) l", elements_per_token(spec)),
+    ]
+    return [{"attention": kind, "formula": formula, "elements_per_token": n,
+             "equivalent_gqa_groups": n / (2 * d * l)} for kind, formula, n in rows]
+
+
+def compare(specs: Iterable[CacheSpec] | None = None, num_tokens: int = 128 * 1024, batch_size: int = 1,
+            elem_bytes: ElemBytes | Mapping[str, ElemBytes] = "bf16", baseline: str | None = None) -> list[dict]:
+    """A table (one dict per model) of cache sizes at one context length and batch size.
+
+    `elem_bytes` is one size for all, or a mapping from spec name to size (missing names use bf16), so
+    the [V2] headline setting, 67B in bf16 vs V2 in 6 bits, is one call. `reduction_vs_baseline` is
+    `kv_cache_reduction(baseline, row)` in bytes; None when no baseline is given.
+    """
+    specs = list(PRESETS.values()) if specs is None else list(specs)
+    by_name = {s.name: s for s in specs}
+    if baseline is not None and baseline not in by_name:
+        _fail(f"baseline={baseline!r} is not among the compared specs", f"Use one of {sorted(by_name)}.")
+
+    def size(spec: CacheSpec) -> ElemBytes:
+        return elem_bytes.get(spec.name, "bf16") if isinstance(elem_bytes, Mapping) else elem_bytes
+
+    rows = []
+    for spec in specs:
+        total = cache_bytes(spec, num_tokens, batch_size, size(spec))
+        rows.append({
+            "name": spec.name,
+            "attention": spec.attention,
+            "layers": spec.num_hidden_layers,
+            "elements_per_token_per_layer": elements_per_token_per_layer(spec),
+            "elements_per_token": elements_per_token(spec),
+            "equivalent_gqa_groups": equivalent_gqa_groups(spec),
+            "element_bytes": element_bytes(size(spec)),
+            "kib_per_token": bytes_per_token(spec, size(spec)) / 1024,
+            "cache_gib": total / 1024**3,
+            "reduction_vs_baseline": None if baseline is None else kv_cache_reduction(
+                by_name[baseline], spec, size(by_name[baseline]), size(spec)),
+            "source": spec.source,
+        })
+    return rows
+
+
+# --- Presets. Numbers as in each model's paper / released config.json; only what the cache needs.
+PRESETS: dict[str, CacheSpec] = {s.name: s for s in (
+    CacheSpec("deepseek-llm-67b", "gqa", num_hidden_layers=95, num_attention_heads=64, num_key_value_heads=8,
+              head_dim=128,  # d_model 8192 / 64 heads
+              source="[LLM] arXiv 2401.02954 Table 2; deepseek-ai/deepseek-llm-67b-base config.json"),
+    CacheSpec("deepseek-v2", "mla", num_hidden_layers=60, num_attention_heads=128, num_key_value_heads=128,
+              head_dim=128, kv_lora_rank=512, qk_rope_head_dim=64,
+              source="[V2] §3.1.2; [code] configs/config_236B.json"),
+    CacheSpec("deepseek-v2-lite", "mla", num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
+              head_dim=128, kv_lora_rank=512, qk_rope_head_dim=64,
+              source="[V2] App. B.1; [code] configs/config_16B.json"),
+    # 61 main layers; the MTP module ([V3] §2.2) is extra and may be dropped at inference.
+    CacheSpec("deepseek-v3", "mla", num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128,
+              head_dim=128, kv_lora_rank=512, qk_rope_head_dim=64,
+              source="[V3] §4.2; [code] configs/config_671B.json"),
+    CacheSpec("llama-3-8b", "gqa", num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+              head_dim=128,  # hidden_size 4096 / 32 heads
+              source="meta-llama/Meta-Llama-3-8B config.json"),
+    CacheSpec("llama-3-70b", "gqa", num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+              head_dim=128,  # hidden_size 8192 / 64 heads
+              source="meta-llama/Meta-Llama-3-70B config.json"),
+    CacheSpec("mistral-7b", "gqa", num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+              head_dim=128,  # hidden_size 4096 / 32 heads
+              source="mistralai/Mistral-7B-v0.1 config.json"),
+)}
