@@ -1,0 +1,40 @@
+# The two commands of the course (see README):
+#   make lab    set up on first use, then open JupyterLab on the notebooks (127.0.0.1, token auth on)
+#   make test   set up on first use, then run the unit tests and every notebook under nbval
+# Override on the command line, e.g. `make lab PYTHON=python3.12`, or on Linux without a GPU,
+# `make lab TORCH_INDEX=https://download.pytorch.org/whl/cpu` to fetch PyTorch's small CPU-only build.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+PORT ?= 8888
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+TORCH_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+
+.PHONY: lab test setup setup-test clean-venv
+
+setup: $(VENV)/.course-installed
+setup-test: $(VENV)/.test-installed
+
+$(VENV)/.course-installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)" $(TORCH_ARGS)
+	$(PIP) install -q -e .
+	@touch $@
+
+$(VENV)/.test-installed: $(VENV)/.course-installed
+	$(PIP) install -q -e ".[test]"
+	@touch $@
+
+lab: setup
+	cd notebooks && ../$(BIN)/jupyter lab --ip=127.0.0.1 --port=$(PORT) \
+		--ServerApp.open_browser=True
+
+test: setup-test
+	COURSE_PROFILE=cpu $(BIN)/python -m pytest tests notebooks --nbval --nbval-cell-timeout=900 \
+		--nbval-sanitize-with tests/nbval_sanitize.cfg -q
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,122 @@
+"""Profiles: the sizes and step counts a notebook runs with, and the one-line notebook set-up.
+
+`cpu` is the default without CUDA and what CI runs (minutes per notebook on 2 cores, peak memory
+that fits Binder's ~2 GB); `gpu` is the default with CUDA (a larger model, longer training).
+`COURSE_PROFILE=cpu|gpu` overrides the automatic choice. A profile changes sizes and step counts
+only: every notebook runs the same code under both.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import ModelConfig
+from .tasks import Tokenizer
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    hidden_size: int            # baseline model width
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int      # dense SwiGLU width
+    max_position_embeddings: int
+    digits: int                 # addition operands have up to this many digits
+    n_train: int                # fixed worked examples the model pretrains on
+    n_eval: int                 # held-out problems for accuracy
+    pretrain_steps: int
+    batch_size: int
+    lr: float
+    decode_tokens: int = 256    # tokens generated when timing decode speed
+    extra: dict = field(default_factory=dict)  # per-notebook knobs (sizes and steps only)
+
+    def baseline_config(self, **changes) -> ModelConfig:
+        """The notebook-00 baseline: dense MHA decoder sized by this profile."""
+        cfg = ModelConfig(vocab_size=Tokenizer().vocab_size, hidden_size=self.hidden_size,
+                          num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+                          intermediate_size=self.intermediate_size,
+                          max_position_embeddings=self.max_position_embeddings)
+        return cfg.replace(**changes) if changes else cfg
+
+
+PROFILES = {
+    # ~0.6M parameters, 300 steps on 256 examples: about half a minute on 2 CPU cores.
+    "cpu": Profile("cpu", hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=352,
+                   max_position_embeddings=512, digits=3, n_train=256, n_eval=200,
+                   pretrain_steps=300, batch_size=32, lr=3e-3),
+    # ~4.8M parameters and 4x the data and steps: a few minutes on a T4.
+    "gpu": Profile("gpu", hidden_size=256, num_hidden_layers=6, num_attention_heads=8, intermediate_size=688,
+                   max_position_embeddings=512, digits=3, n_train=1024, n_eval=500,
+                   pretrain_steps=1200, batch_size=64, lr=2e-3),
+}
+
+
+def get_profile(name: str | None = None) -> Profile:
+    """The named profile, else $COURSE_PROFILE, else gpu when CUDA is available and cpu otherwise."""
+    name = name or os.environ.get("COURSE_PROFILE") or ("gpu" if torch.cuda.is_available() else "cpu")
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}. Set COURSE_PROFILE to one of {sorted(PROFILES)}.")
+    return PROFILES[name]
+
+
+def pick_device() -> torch.device:
+    """CUDA, then Apple's MPS, then the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # numpy is a dependency, but seeding must never be why a notebook fails
+        pass
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (a container's share, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class NotebookSetup:
+    device: torch.device
+    profile: Profile
+    threads: int
+    seed: int
+
+
+def setup_notebook(seed: int = 0, profile: str | None = None, quiet: bool = False) -> NotebookSetup:
+    """Seed everything, pick the device and profile, size torch's thread pool, set plotly's renderer.
+
+    Small tiny-matrix workloads run fastest with one thread per core; more threads than cores
+    (a container reporting the host's CPUs) makes them much slower, hence `usable_cpus`.
+    """
+    seed_everything(seed)
+    prof = get_profile(profile)
+    device = pick_device()
+    threads = max(1, min(usable_cpus(), 8))
+    torch.set_num_threads(threads)
+    try:
+        from .widgets import set_plotly_renderer
+
+        set_plotly_renderer()
+    except ImportError:  # plotly missing: notebooks still run, plots will say why they cannot show
+        pass
+    if not quiet:
+        print(f"device={device.type} profile={prof.name} threads={threads} torch={torch.__version__.split('+')[0]} seed={seed}")
+    return NotebookSetup(device, prof, threads, seed)

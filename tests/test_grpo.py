@@ -1,0 +1,291 @@
+"""GRPO math against hand-computed cases (DEEPSEEK_REFERENCE.md §3).
+
+What is asserted:
+- group_advantages: hand values with the sample std (N−1) and eps; zero mean per group; exactly 0
+  for tied groups even where float rounding would leave a residue; scale=False is Dr. GRPO's r − mean.
+- zero_variance_mask keeps exactly the groups with a reward spread.
+- token_logprobs matches hand log-probs and log_softmax.
+- kl_k3: 0 when equal, positive otherwise, hand values, and gradient 1 − π_ref/π_θ.
+- grpo_loss: clipped tokens (A>0 above the band, A<0 below it) have zero gradient, unclipped ones
+  ρ·A; the clip-higher band lets A>0 tokens rise to 1+eps_high; the KL term adds beta·k3;
+  "sequence", "token" and "dr_grpo" give the reference §3.6 values and weights on a ragged mask;
+  masked positions (even NaN/inf) change neither the loss nor the gradient.
+"""
+
+import math
+
+import pytest
+import torch
+from einops import rearrange
+
+from course_lib.grpo import grpo_loss, group_advantages, kl_k3, token_logprobs, zero_variance_mask
+
+# ---------------------------------------------------------------- advantages
+
+
+def test_group_advantages_hand_values():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]])
+    # group 0: mean 0.25, deviations (0.75, -0.25, -0.25, -0.25);
+    #   sample var = (0.5625 + 3 * 0.0625) / (4 - 1) = 0.25, std = 0.5
+    # group 1: mean 0.5, deviations ±0.5; sample var = 4 * 0.25 / 3 = 1/3, std = 1/sqrt(3)
+    s = 1 / math.sqrt(3)
+    expected_eps0 = torch.tensor([[1.5, -0.5, -0.5, -0.5], [-0.5 / s, -0.5 / s, 0.5 / s, 0.5 / s]])
+    torch.testing.assert_close(group_advantages(rewards, eps=0.0), expected_eps0)
+    # default eps=1e-4 goes in the denominator: 0.75 / (0.5 + 1e-4)
+    adv = group_advantages(rewards)
+    assert adv[0, 0].item() == pytest.approx(0.75 / 0.5001, rel=1e-6)
+    assert adv[1, 3].item() == pytest.approx(0.5 / (s + 1e-4), rel=1e-6)
+
+
+def test_dr_grpo_advantages_are_centered_only():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0], [2.0, 4.0, 6.0, 8.0]])
+    # r - mean, no division: means 0.25 and 5
+    expected = torch.tensor([[0.75, -0.25, -0.25, -0.25], [-3.0, -1.0, 1.0, 3.0]])
+    torch.testing.assert_close(group_advantages(rewards, scale=False), expected)
+
+
+def test_advantages_zero_mean_per_group():
+    rewards = torch.rand(5, 8, generator=torch.Generator().manual_seed(0))
+    for scale in (True, False):
+        adv = group_advantages(rewards, scale=scale)
+        torch.testing.assert_close(adv.mean(dim=1), torch.zeros(5), atol=1e-6, rtol=0)
+    # scaled advantages have sample std ~1 (up to eps)
+    torch.testing.assert_close(group_advantages(rewards, eps=0.0).std(dim=1), torch.ones(5))
+
+
+def test_tied_groups_get_exactly_zero():
+    # float32 mean of sixteen 0.7s is not 0.7: the naive formula leaves ~6e-8 over a ~6e-8 "std",
+    # which a small eps (the Dr. GRPO repo uses 1e-8) would blow up to an O(1) advantage.
+    rewards = torch.full((1, 16), 0.7)
+    centered = rewards - rewards.mean(dim=1, keepdim=True)
+    naive = centered / (rewards.std(dim=1, keepdim=True) + 1e-8)
+    assert naive.abs().max() > 0.1  # the bug the pinning prevents
+    for scale in (True, False):
+        assert torch.equal(group_advantages(rewards, scale=scale, eps=1e-8), torch.zeros(1, 16))
+    mixed = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 1, 0]])  # int rewards are accepted
+    adv = group_advantages(mixed)
+    assert adv.dtype == torch.get_default_dtype()
+    assert torch.equal(adv[:2], torch.zeros(2, 4)) and adv[2].abs().min() > 0
+
+
+def test_group_advantages_needs_groups_of_two():
+    with pytest.raises(ValueError):
+        group_advantages(torch.ones(3, 1))
+    with pytest.raises(ValueError):
+        group_advantages(torch.ones(6))
+
+
+def test_zero_variance_mask():
+    rewards = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.5, 0.5, 0.5], [-1.0, 1.0, 1.0]])
+    assert zero_variance_mask(rewards).tolist() == [False, True, False, False, True]
+    # the kept groups are exactly those with a nonzero advantage somewhere
+    adv = group_advantages(rewards)
+    assert torch.equal(adv.abs().amax(dim=1) > 0, zero_variance_mask(rewards))
+
+
+# ---------------------------------------------------------------- log-probs and KL
+
+
+def test_token_logprobs_hand_values():
+    logits = torch.log(torch.tensor([[[1.0, 1.0, 1.0], [1.0, 2.0, 5.0]]]))  # (1, 2, 3): probs 1/3 each; 1/8, 2/8, 5/8
+    tokens = torch.tensor([[0, 2]])  # (1, 2)
+    expected = torch.log(torch.tensor([[1 / 3, 5 / 8]]))
+    torch.testing.assert_close(token_logprobs(logits, tokens), expected)
+    # adding a constant per position changes nothing (softmax is shift invariant)
+    torch.testing.assert_close(token_logprobs(logits + torch.tensor([[[7.0]], ]), tokens), expected)
+
+
+def test_token_logprobs_matches_log_softmax():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 5, 11, generator=g).to(torch.bfloat16)
+    tokens = torch.randint(0, 11, (2, 5), generator=g)
+    out = token_logprobs(logits, tokens)
+    assert out.dtype == torch.float32 and out.shape == (2, 5)
+    ref = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[..., None])[..., 0]
+    torch.testing.assert_close(out, ref)
+    with pytest.raises(ValueError):
+        token_logprobs(logits, tokens[:, :4])
+
+
+def test_kl_k3_hand_values():
+    logp = torch.log(torch.tensor([0.5, 0.25, 0.3]))
+    ref = torch.log(torch.tensor([0.25, 0.5, 0.3]))
+    # π_ref/π = 0.5: 0.5 - ln 0.5 - 1 = ln 2 - 0.5 = 0.193147
+    # π_ref/π = 2:   2 - ln 2 - 1     = 1 - ln 2   = 0.306853
+    # equal: exactly 0
+    kl = kl_k3(logp, ref)
+    torch.testing.assert_close(kl, torch.tensor([math.log(2) - 0.5, 1 - math.log(2), 0.0]))
+    assert kl[2].item() == 0.0
+
+
+def test_kl_k3_nonnegative_and_gradient():
+    g = torch.Generator().manual_seed(2)
+    logp = torch.randn(1000, generator=g, dtype=torch.float64).requires_grad_()
+    ref = torch.randn(1000, generator=g, dtype=torch.float64)
+    kl = kl_k3(logp, ref)
+    assert (kl >= 0).all() and (kl > 0).all()  # random pairs are never equal
+    kl.sum().backward()
+    # d/dlogp [e^{ref-logp} - (ref-logp) - 1] = 1 - π_ref/π_θ  (reference §3.6)
+    torch.testing.assert_close(logp.grad, 1 - torch.exp(ref - logp.detach()))
+
+
+# ---------------------------------------------------------------- clipped surrogate
+
+
+def _one_token_batch(ratios, advs):
+    """B sequences of one token each, with π_θ/π_θold = ratios; returns (logp leaf, old_logp, adv, mask)."""
+    old = torch.log(torch.full((len(ratios), 1), 0.5))  # (B, 1)
+    logp = (old + torch.log(torch.tensor(ratios))[:, None]).requires_grad_()  # (B, 1)
+    return logp, old, torch.tensor(advs), torch.ones(len(ratios), 1, dtype=torch.bool)
+
+
+def test_clip_symmetric_band_and_zero_gradient_where_clipped():
+    # eps = 0.2, band [0.8, 1.2]; per token l = min(ρA, clip(ρ)A):
+    #   ρ=1.5, A=+1: min(1.5, 1.2)  = 1.2   clipped, grad 0
+    #   ρ=0.5, A=-1: min(-0.5, -0.8) = -0.8 clipped, grad 0
+    #   ρ=1.5, A=-1: min(-1.5, -1.2) = -1.5 not clipped (pessimistic side), dl/dlogp = ρA = -1.5
+    #   ρ=0.5, A=+1: min(0.5, 0.8)  = 0.5   not clipped, dl/dlogp = ρA = 0.5
+    #   ρ=1.1, A=+1: inside the band, 1.1, dl/dlogp = 1.1
+    logp, old, adv, mask = _one_token_batch([1.5, 0.5, 1.5, 0.5, 1.1], [1.0, -1.0, -1.0, 1.0, 1.0])
+    loss, stats = grpo_loss(logp, old, adv, mask, aggregation="token")
+    # objective = (1.2 - 0.8 - 1.5 + 0.5 + 1.1) / 5 = 0.1; loss = -0.1
+    assert loss.item() == pytest.approx(-0.1, abs=1e-6)
+    loss.backward()
+    torch.testing.assert_close(logp.grad[:, 0], -torch.tensor([0.0, 0.0, -1.5, 0.5, 1.1]) / 5)
+    assert stats["clip_frac"] == pytest.approx(2 / 5)
+    assert stats["clip_frac_low"] == pytest.approx(1 / 5) and stats["clip_frac_high"] == pytest.approx(1 / 5)
+
+
+def test_clip_higher_asymmetric_band():
+    # ρ = 1.25 and 1.3 with A=+1, ρ = 0.75 with A=-1
+    #   eps_low = eps_high = 0.2:   1.2 (clipped), 1.2 (clipped), -0.8 (clipped)
+    #   eps_low 0.2, eps_high 0.28: 1.25 (free, grad 1.25), 1.28 (clipped), -0.8 (clipped: low side unchanged)
+    ratios, advs = [1.25, 1.3, 0.75], [1.0, 1.0, -1.0]
+    logp, old, adv, mask = _one_token_batch(ratios, advs)
+    sym, sym_stats = grpo_loss(logp, old, adv, mask, aggregation="token")
+    assert sym.item() == pytest.approx(-(1.2 + 1.2 - 0.8) / 3, abs=1e-6)
+    assert sym_stats["clip_frac"] == pytest.approx(1.0)
+
+    logp, old, adv, mask = _one_token_batch(ratios, advs)
+    asym, asym_stats = grpo_loss(logp, old, adv, mask, eps_low=0.2, eps_high=0.28, aggregation="token")
+    assert asym.item() == pytest.approx(-(1.25 + 1.28 - 0.8) / 3, abs=1e-6)
+    asym.backward()
+    torch.testing.assert_close(logp.grad[:, 0], -torch.tensor([1.25, 0.0, 0.0]) / 3)
+    assert asym_stats["clip_frac_high"] == pytest.approx(1 / 3) and asym_stats["clip_frac_low"] == pytest.approx(1 / 3)
+
+
+def test_kl_term_enters_with_beta():
+    # ρ = 1 and A = 0, so the loss is only beta * k3 = 0.1 * (ln 2 - 0.5) for π_ref/π = 0.5
+    logp = torch.log(torch.tensor([[0.5]])).requires_grad_()
+    ref = torch.log(torch.tensor([[0.25]]))
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    loss, stats = grpo_loss(logp, logp.detach(), torch.zeros(1), mask, ref_logp=ref, beta=0.1)
+    assert loss.item() == pytest.approx(0.1 * (math.log(2) - 0.5), rel=1e-6)
+    assert stats["kl"] == pytest.approx(math.log(2) - 0.5, rel=1e-6)
+    loss.backward()
+    # d(beta * k3)/dlogp = beta * (1 - π_ref/π) = 0.1 * 0.5
+    assert logp.grad.item() == pytest.approx(0.05, rel=1e-6)
+    # beta = 0: KL reported, not optimized
+    loss0, stats0 = grpo_loss(logp, logp.detach(), torch.zeros(1), mask, ref_logp=ref)
+    assert loss0.item() == 0.0 and stats0["kl"] == pytest.approx(stats["kl"])
+    with pytest.raises(ValueError):
+        grpo_loss(logp, logp.detach(), torch.zeros(1), mask, beta=0.1)
+
+
+# ---------------------------------------------------------------- aggregations
+
+
+def _ragged():
+    """Two sequences, ρ = 1 everywhere: row 0 has 4 tokens with A=1, row 1 has 1 token with A=2."""
+    logp = torch.log(torch.full((2, 4), 0.5)).requires_grad_()  # (B, T) = (2, 4)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    return logp, logp.detach().clone(), torch.tensor([1.0, 2.0]), mask
+
+
+@pytest.mark.parametrize(
+    "aggregation,max_len,objective,w0,w1",
+    [
+        # GRPO: (1/G) Σ_i (1/|o_i|) Σ_t l = (4·1/4 + 2/1) / 2 = 1.5; token weights 1/(2·4), 1/(2·1)
+        ("sequence", None, 1.5, 1 / 8, 1 / 2),
+        # DAPO: Σ l / Σ|o_i| = (4·1 + 2) / 5 = 1.2; every token weighs 1/5
+        ("token", None, 1.2, 1 / 5, 1 / 5),
+        # Dr. GRPO: Σ l / (G·L_max) = 6 / (2·8) = 0.375 with L_max = 8; 6 / (2·4) = 0.75 with T = 4
+        ("dr_grpo", 8, 0.375, 1 / 16, 1 / 16),
+        ("dr_grpo", None, 0.75, 1 / 8, 1 / 8),
+    ],
+)
+def test_aggregations_on_ragged_mask(aggregation, max_len, objective, w0, w1):
+    logp, old, adv, mask = _ragged()
+    loss, stats = grpo_loss(logp, old, adv, mask, aggregation=aggregation, max_len=max_len)
+    assert loss.item() == pytest.approx(-objective, rel=1e-6)
+    assert stats["tokens"] == 5.0 and stats["clip_frac"] == 0.0 and stats["ratio_mean"] == pytest.approx(1.0)
+    loss.backward()
+    # with ρ ≡ 1 (one update per batch) the gradient is -A · weight · ∇log π on real tokens, 0 on padding
+    expected = -torch.tensor([[w0 * 1.0] * 4, [w1 * 2.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(logp.grad, expected)
+
+
+def test_dr_grpo_max_len_must_cover_lengths():
+    logp, old, adv, mask = _ragged()
+    with pytest.raises(ValueError):
+        grpo_loss(logp, old, adv, mask, aggregation="dr_grpo", max_len=3)
+    with pytest.raises(ValueError):
+        grpo_loss(logp, old, adv, mask, aggregation="mean")
+
+
+# ---------------------------------------------------------------- masking
+
+
+@pytest.mark.parametrize("aggregation", ["sequence", "token", "dr_grpo"])
+def test_masked_tokens_contribute_nothing(aggregation):
+    g = torch.Generator().manual_seed(3)
+    B, T = 4, 6
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [1] + [0] * 5, [1] * 5 + [0]], dtype=torch.bool)
+    logp = -torch.rand(B, T, generator=g) - 0.1
+    old = logp + 0.3 * torch.randn(B, T, generator=g)  # ratios spread across the clip band
+    ref = logp + 0.3 * torch.randn(B, T, generator=g)
+    adv = torch.randn(B, T, generator=g)
+
+    def run(lp, ol, rf, ad):
+        lp = lp.clone().requires_grad_()
+        loss, stats = grpo_loss(lp, ol, ad, mask, ref_logp=rf, beta=0.04, eps_high=0.28, aggregation=aggregation)
+        loss.backward()
+        return loss.detach(), lp.grad, stats
+
+    base_loss, base_grad, base_stats = run(logp, old, ref, adv)
+    assert torch.isfinite(base_loss) and base_stats["clip_frac"] > 0
+    for garbage in (torch.randn(B, T, generator=g) * 5, torch.full((B, T), float("nan")), torch.full((B, T), float("inf"))):
+        def junk(x):
+            return torch.where(mask, x, garbage)
+
+        loss, grad, stats = run(junk(logp), junk(old), junk(ref), junk(adv))
+        assert torch.equal(loss, base_loss)
+        assert torch.equal(grad, base_grad) and torch.equal(grad[~mask], torch.zeros(int((~mask).sum())))
+        assert stats == base_stats
+
+
+def test_per_sequence_adv_from_groups():
+    # (P, G) rewards -> (B,) advantages in group-major order, as the trainer will pass them
+    rewards = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    adv = rearrange(group_advantages(rewards, scale=False), "p g -> (p g)")  # (B,) = (0.5, -0.5, 0, 0)
+    logp = torch.zeros(4, 3, requires_grad=True)
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    loss, _ = grpo_loss(logp, logp.detach(), adv, mask)
+    loss.backward()
+    # sequence mean: each token weighs 1/(4·3); grad = -A/12 per token
+    torch.testing.assert_close(logp.grad, -rearrange(adv, "b -> b 1").expand(4, 3) / 12)
+    assert loss.item() == 0.0
+
+
+def test_old_logp_ref_logp_and_adv_are_constants():
+    # μ = 1: old_logp is the same numbers as logp. Even if the caller forgets to detach it (or
+    # ref_logp, or adv), ρ = exp(logp - old_logp) must still give ∇ = A · ∇log π, not 0.
+    logp = torch.log(torch.full((2, 1), 0.5)).requires_grad_()  # (B, T) = (2, 1)
+    adv = torch.tensor([1.0, -1.0]) * logp[:, 0].exp() * 2  # values (1, -1), attached to logp's graph
+    mask = torch.ones(2, 1, dtype=torch.bool)
+    ref = logp + math.log(0.5)  # π_ref/π = 0.5, attached to logp's graph
+    loss, _ = grpo_loss(logp, logp, adv, mask, ref_logp=ref, beta=0.5, aggregation="token")
+    loss.backward()
+    # token weight 1/2: surrogate -A/2; KL beta·(1 - π_ref/π)/2 = 0.5·0.5/2 = 0.125.
+    # (An attached ref would add beta·(π_ref/π - 1)/2 = -0.125 and cancel the KL gradient.)
+    torch.testing.assert_close(logp.grad, torch.tensor([[-0.5 + 0.125], [0.5 + 0.125]]))
