@@ -92,7 +92,7 @@ def test_token_logprobs_hand_values():
     expected = torch.log(torch.tensor([[1 / 3, 5 / 8]]))
     torch.testing.assert_close(token_logprobs(logits, tokens), expected)
     # adding a constant per position changes nothing (softmax is shift invariant)
-    torch.testing.assert_close(token_logprobs(logits + torch.tensor([[[7.0]], ]), tokens), expected)
+    torch.testing.assert_close(token_logprobs(logits + 7.0, tokens), expected)
 
 
 def test_token_logprobs_matches_log_softmax():
@@ -254,9 +254,9 @@ def test_masked_tokens_contribute_nothing(aggregation):
 
     base_loss, base_grad, base_stats = run(logp, old, ref, adv)
     assert torch.isfinite(base_loss) and base_stats["clip_frac"] > 0
-    for garbage in (torch.randn(B, T, generator=g) * 5, torch.full((B, T), float("nan")), torch.full((B, T), float("inf"))):
-        def junk(x):
-            return torch.where(mask, x, garbage)
+    for fill in (torch.randn(B, T, generator=g) * 5, torch.full((B, T), float("nan")), torch.full((B, T), float("inf"))):
+        def junk(x, fill=fill):
+            return torch.where(mask, x, fill)
 
         loss, grad, stats = run(junk(logp), junk(old), junk(ref), junk(adv))
         assert torch.equal(loss, base_loss)

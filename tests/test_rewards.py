@@ -104,7 +104,8 @@ def test_table_has_unique_ids():
 @pytest.mark.parametrize(
     "text,value",
     [("432", 432), (" 432\n", 432), ("+5", 5), ("-5", -5), ("-0", 0), ("+0", 0), ("007", 7),
-     ("9" * MAX_ANSWER_DIGITS, int("9" * MAX_ANSWER_DIGITS)), ("-" + "9" * MAX_ANSWER_DIGITS, -int("9" * MAX_ANSWER_DIGITS))],
+     ("9" * MAX_ANSWER_DIGITS, int("9" * MAX_ANSWER_DIGITS)),
+     ("-" + "9" * MAX_ANSWER_DIGITS, -int("9" * MAX_ANSWER_DIGITS))],
 )
 def test_parse_integer_accepts(text, value):
     assert parse_integer(text) == value
