@@ -48,7 +48,7 @@ def zero_variance_mask(rewards: torch.Tensor) -> torch.Tensor:
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log π(tokens): (B, T, V) logits and (B, T) ids -> (B, T), computed in float32.
+    """log π(tokens): (B, T, V) logits and (B, T) ids -> (B, T), in at least float32.
 
     ``logits[:, t]`` must be the distribution over ``tokens[:, t]``; for a causal LM that means
     passing ``logits[:, :-1]`` with ``ids[:, 1:]``. Uses ``x_y − logsumexp(x)`` rather than a full
@@ -56,7 +56,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """
     if logits.shape[:-1] != tokens.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} disagree on (B, T)")
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 -> fp32
     picked = logits.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)  # (B, T)
     return picked - torch.logsumexp(logits, dim=-1)  # (B, T)
 
@@ -72,7 +72,8 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.expm1(d) - d
 
 
-# J = E[ agg_{i,t} min(ρ Â, clip(ρ, 1−ε_low, 1+ε_high) Â) − β D_KL ],  ρ = π_θ/π_θold   [Math] eq 3, [DAPO] eq 8
+# J = E[ agg_{i,t} min(ρ Â, clip(ρ, 1−ε_low, 1+ε_high) Â) − β D_KL ],  ρ = π_θ/π_θold
+#     [Math] eq 3 (ε_low = ε_high), [DAPO] eq 8 (token-level agg, β = 0)
 def grpo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,

@@ -91,7 +91,7 @@ def test_token_logprobs_hand_values():
     tokens = torch.tensor([[0, 2]])  # (1, 2)
     expected = torch.log(torch.tensor([[1 / 3, 5 / 8]]))
     torch.testing.assert_close(token_logprobs(logits, tokens), expected)
-    # adding a constant per position changes nothing (softmax is shift invariant)
+    # adding a constant to the logits changes nothing (softmax is shift invariant)
     torch.testing.assert_close(token_logprobs(logits + 7.0, tokens), expected)
 
 
@@ -254,7 +254,8 @@ def test_masked_tokens_contribute_nothing(aggregation):
 
     base_loss, base_grad, base_stats = run(logp, old, ref, adv)
     assert torch.isfinite(base_loss) and base_stats["clip_frac"] > 0
-    for fill in (torch.randn(B, T, generator=g) * 5, torch.full((B, T), float("nan")), torch.full((B, T), float("inf"))):
+    fills = (torch.randn(B, T, generator=g) * 5, torch.full((B, T), float("nan")), torch.full((B, T), float("inf")))
+    for fill in fills:
         def junk(x, fill=fill):
             return torch.where(mask, x, fill)
 
