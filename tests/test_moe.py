@@ -1,0 +1,383 @@
+"""DeepSeekMoE against transformers and hand-computed cases (DEEPSEEK_REFERENCE.md §2).
+
+What is asserted:
+- parity with transformers' `DeepseekV3MoE` on tiny random configs (random weights and random
+  e_score_correction_bias, loaded through the packed-layout loader): same selected experts, same
+  weights, same output to 1e-5, for every dispatch, with n_group > 1 and topk_group < n_group,
+  norm_topk_prob on and off, routed_scaling_factor != 1; pack(unpack(sd)) gives sd back.
+- the three dispatches give the same output and the same gradients.
+- the bias changes which expert is picked but not the weight it gets (hand case); group-limited
+  routing by top-2 sum (V3) and by max (V2) pick what the hand computation says.
+- normalized weights sum to routed_scaling_factor; the softmax path is top-K of softmax.
+- update_bias: the overloaded expert's bias drops by γ, the others rise; repeated updates lower MaxVio.
+- switch_aux_loss, expert_balance_loss, sequence_balance_loss equal the formulas worked by hand;
+  the V3 loss uses the un-biased top-K (eq 18 as printed) unless given topk_idx.
+- capacity_drop drops exactly the over-capacity slots (lowest score, or latest position).
+- expert_load, max_violation, load_entropy, dropped_fraction on hand cases.
+- a CourseModel with ffn="moe" trains a few steps with an aux loss and bias updates, and its active
+  parameter count is the total minus (E−K) experts per MoE layer; bad MoE configs raise ValueError.
+"""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from course_lib.config import ModelConfig
+from course_lib.layers import SwiGLU
+from course_lib.model import CourseModel
+from course_lib.moe import (DISPATCHES, DeepSeekMoE, capacity_drop, dropped_fraction, expert_balance_loss,
+                            expert_load, load_entropy, load_packed_experts, max_violation, pack_experts,
+                            packed_state_dict, sequence_balance_loss, switch_aux_loss, unpack_experts,
+                            update_bias)
+
+
+def moe_config(**kw) -> ModelConfig:
+    base = dict(hidden_size=32, num_attention_heads=4, ffn="moe", n_routed_experts=16, n_shared_experts=2,
+                num_experts_per_tok=4, moe_intermediate_size=16, n_group=4, topk_group=2)
+    return ModelConfig(**{**base, **kw})
+
+
+def hand_router(E: int, K: int, **kw) -> DeepSeekMoE:
+    """hidden = E and gate.weight = I, so the router logits are the input itself."""
+    moe = DeepSeekMoE(moe_config(hidden_size=E, num_attention_heads=1, n_routed_experts=E, num_experts_per_tok=K,
+                                 n_shared_experts=0, **{"n_group": 1, "topk_group": 1, "norm_topk_prob": False, **kw}))
+    with torch.no_grad():
+        moe.gate.weight.copy_(torch.eye(E))
+    return moe
+
+
+def logit(p) -> torch.Tensor:
+    p = torch.tensor(p)
+    return torch.log(p / (1 - p))
+
+
+# ---------------------------------------------------------------- parity with transformers
+
+PARITY_CASES = [  # n_group, topk_group, norm_topk_prob, routed_scaling_factor
+    (1, 1, True, 1.0),
+    (4, 2, True, 2.5),
+    (4, 2, False, 2.5),
+    (8, 3, False, 0.5),
+    (4, 1, True, 2.5),  # one group of 4 holds exactly K=4 experts
+]
+
+
+def build_pair(n_group, topk_group, norm, scale, seed=0):
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    hf_cfg = transformers.DeepseekV3Config(
+        hidden_size=32, moe_intermediate_size=16, n_routed_experts=16, n_shared_experts=2, num_experts_per_tok=4,
+        n_group=n_group, topk_group=topk_group, norm_topk_prob=norm, routed_scaling_factor=scale,
+        num_hidden_layers=1, num_attention_heads=4, vocab_size=16, experts_implementation="eager")
+    torch.manual_seed(seed)
+    theirs = DeepseekV3MoE(hf_cfg).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():  # the packed expert tensors start as torch.empty
+            p.normal_(0.0, 0.15)
+        theirs.gate.weight.normal_(0.0, 0.3)  # spread the scores so selections are clear-cut
+        theirs.gate.e_score_correction_bias.copy_(0.1 * torch.randn(16))
+    ours = DeepSeekMoE(moe_config(n_group=n_group, topk_group=topk_group, norm_topk_prob=norm,
+                                  routed_scaling_factor=scale)).eval()
+    load_packed_experts(ours, theirs.state_dict())
+    return theirs, ours
+
+
+def sort_by_expert(idx, w):
+    idx, order = idx.sort(-1)
+    return idx, w.gather(-1, order)
+
+
+@pytest.mark.parametrize("n_group, topk_group, norm, scale", PARITY_CASES)
+@pytest.mark.parametrize("dispatch", DISPATCHES)
+def test_parity_with_transformers_deepseek_v3_moe(n_group, topk_group, norm, scale, dispatch):
+    theirs, ours = build_pair(n_group, topk_group, norm, scale)
+    ours.dispatch = dispatch
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        _, hf_w, hf_idx = theirs.gate(x)
+        idx, w = ours.route(x)
+        out_theirs, out_ours = theirs(x), ours(x)
+    hf_idx, hf_w = sort_by_expert(hf_idx, hf_w)
+    idx, w = sort_by_expert(idx, w)
+    assert torch.equal(idx, hf_idx)
+    torch.testing.assert_close(w, hf_w, atol=1e-6, rtol=0)
+    diff = (out_ours - out_theirs).abs().max().item()
+    print(f"parity n_group={n_group} topk_group={topk_group} norm={norm} scale={scale} {dispatch}: "
+          f"max|diff|={diff:.2e}, max|out|={out_ours.abs().max():.2f}")
+    assert diff < 1e-5
+    assert out_ours.abs().max() > 1e-2  # not a vacuous comparison of near-zero outputs
+
+
+def test_parity_case_exercises_the_bias():
+    """The random bias must actually change some selections, or the parity test would not test it."""
+    _, ours = build_pair(4, 2, True, 2.5)
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        with_bias, _ = ours.route(x)
+        ours.gate.e_score_correction_bias.zero_()
+        without, _ = ours.route(x)
+    assert not torch.equal(with_bias.sort(-1).values, without.sort(-1).values)
+
+
+def test_pack_unpack_round_trip():
+    theirs, ours = build_pair(4, 2, True, 2.5)
+    sd = theirs.state_dict()
+    unpacked = unpack_experts(sd)
+    assert "experts.3.gate_proj.weight" in unpacked and "experts.gate_up_proj" not in unpacked
+    # gate_proj is the FIRST half of gate_up_proj (DeepseekV3Experts: gate, up = ....chunk(2, dim=-1))
+    torch.testing.assert_close(unpacked["experts.3.gate_proj.weight"], sd["experts.gate_up_proj"][3, :16])
+    torch.testing.assert_close(unpacked["experts.3.up_proj.weight"], sd["experts.gate_up_proj"][3, 16:])
+    repacked = pack_experts(unpacked, 16)
+    assert repacked.keys() == sd.keys()
+    for k in sd:
+        assert torch.equal(repacked[k], sd[k]), k
+    ours_packed = packed_state_dict(ours)
+    assert all(torch.equal(ours_packed[k], sd[k]) for k in sd)
+    prefixed = {f"model.layers.3.mlp.{k}": v for k, v in sd.items()}
+    other = DeepSeekMoE(ours.config)
+    load_packed_experts(other, prefixed, prefix="model.layers.3.mlp.")
+    assert torch.equal(other.experts[5].down_proj.weight, ours.experts[5].down_proj.weight)
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+def test_three_dispatches_agree_in_output_and_gradient():
+    torch.manual_seed(1)
+    moe = DeepSeekMoE(moe_config(n_routed_experts=8, num_experts_per_tok=3, n_group=2, topk_group=1,
+                                 routed_scaling_factor=2.5))
+    with torch.no_grad():
+        moe.gate.weight.normal_(0, 0.5)
+        moe.gate.e_score_correction_bias.normal_(0, 0.1)
+    x0 = torch.randn(3, 5, 32)
+    results = {}
+    for name in DISPATCHES:
+        moe.dispatch = name
+        moe.zero_grad()
+        x = x0.clone().requires_grad_()
+        out = moe(x)
+        (out * torch.linspace(-1, 1, 32)).sum().backward()
+        grads = [x.grad] + [p.grad if p.grad is not None else torch.zeros_like(p) for p in moe.parameters()]
+        results[name] = (out.detach(), grads)
+    ref_out, ref_grads = results["vectorized"]
+    for name in ("token_loop", "expert_loop"):
+        out, grads = results[name]
+        torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
+        for g, rg in zip(grads, ref_grads):
+            torch.testing.assert_close(g, rg, atol=1e-5, rtol=0)
+    moe.dispatch = "bogus"
+    with pytest.raises(ValueError, match="dispatch"):
+        moe(x0)
+
+
+def test_forward_records_load_and_scores():
+    moe = DeepSeekMoE(moe_config())
+    moe(torch.randn(2, 5, 32))
+    assert moe.last_scores.shape == (2, 5, 16) and moe.last_topk_idx.shape == (2, 5, 4)
+    assert moe.last_load.shape == (16,) and moe.last_load.sum() == 2 * 5 * 4
+    assert torch.equal(moe.last_load, expert_load(moe.last_topk_idx, 16))
+
+
+# ---------------------------------------------------------------- router
+
+
+def test_bias_changes_selection_but_not_weight():
+    moe = hand_router(4, 1)
+    x = torch.tensor([[[2.0, 1.0, 0.0, -1.0]]])  # scores sigmoid(2) > sigmoid(1) > ...
+    idx, w = moe.route(x)
+    assert idx.tolist() == [[0]] and w.item() == pytest.approx(torch.sigmoid(torch.tensor(2.0)).item())
+    moe.gate.e_score_correction_bias[1] = 0.5  # sigmoid(1) + 0.5 = 1.23 > sigmoid(2) = 0.88
+    idx, w = moe.route(x)
+    assert idx.tolist() == [[1]]
+    assert w.item() == pytest.approx(torch.sigmoid(torch.tensor(1.0)).item())  # 0.731, not 1.231
+
+
+def test_group_limited_routing_hand_case():
+    # groups of 2: g0 (0.9, 0.1), g1 (0.62, 0.6), g2 (0.55, 0.5), g3 (0.2, 0.1)
+    s = [0.9, 0.1, 0.62, 0.6, 0.55, 0.5, 0.2, 0.1]
+    x = logit(s)[None, None]
+    unrestricted = hand_router(8, 2)
+    assert sorted(unrestricted.route(x)[0][0].tolist()) == [0, 2]
+    v3 = hand_router(8, 2, n_group=4, topk_group=2)
+    assert v3.gate.group_score == "top2_sum"
+    # top-2 sums: g0 1.0, g1 1.22, g2 1.05, g3 0.3 -> groups {1, 2} -> experts {2, 3}: the best expert 0 is excluded
+    assert sorted(v3.route(x)[0][0].tolist()) == [2, 3]
+    v3.gate.group_score = "max"  # maxima: g0 0.9, g1 0.62 -> groups {0, 1} -> experts {0, 2}
+    assert sorted(v3.route(x)[0][0].tolist()) == [0, 2]
+    v2 = hand_router(8, 2, n_group=4, topk_group=2, scoring_func="softmax")
+    assert v2.gate.group_score == "max"
+    v3.gate.group_score = "bogus"
+    with pytest.raises(ValueError, match="group_score"):
+        v3.route(x)
+
+
+def test_normalized_weights_sum_to_routed_scaling_factor():
+    torch.manual_seed(0)
+    moe = DeepSeekMoE(moe_config(routed_scaling_factor=2.5, norm_topk_prob=True))
+    _, w = moe.route(torch.randn(3, 6, 32))
+    torch.testing.assert_close(w.sum(-1), torch.full((18,), 2.5), atol=1e-6, rtol=0)
+    moe = DeepSeekMoE(moe_config(routed_scaling_factor=2.5, norm_topk_prob=False))
+    x = torch.randn(3, 6, 32)
+    idx, w = moe.route(x)
+    torch.testing.assert_close(w, 2.5 * moe.last_scores.reshape(18, 16).gather(1, idx))
+
+
+def test_softmax_path_is_topk_of_softmax():
+    torch.manual_seed(0)
+    moe = DeepSeekMoE(moe_config(scoring_func="softmax", norm_topk_prob=False, n_group=1, topk_group=1))
+    x = torch.randn(2, 9, 32)
+    idx, w = moe.route(x)
+    probs = (x.reshape(18, 32) @ moe.gate.weight.T).softmax(-1)
+    top = probs.topk(4, dim=-1)
+    assert torch.equal(idx, top.indices)
+    torch.testing.assert_close(w, top.values)
+    torch.testing.assert_close(moe.last_scores.sum(-1), torch.ones(2, 9))
+
+
+# ---------------------------------------------------------------- balancing
+
+# Four tokens, E=4, K=2. Top-2: t0 {0,1}, t1 {1,2}, t2 {0,2}, t3 {3,0}; argmax: 0, 1, 0, 3.
+PROBS = torch.tensor([[0.40, 0.30, 0.20, 0.10],
+                      [0.10, 0.50, 0.30, 0.10],
+                      [0.60, 0.10, 0.20, 0.10],
+                      [0.25, 0.15, 0.10, 0.50]])
+# P = column means = (0.3375, 0.2625, 0.2, 0.2); top-2 counts (3, 2, 2, 1)
+P = [0.3375, 0.2625, 0.2, 0.2]
+
+
+def test_switch_aux_loss_hand_value():
+    f = [2 / 4, 1 / 4, 0, 1 / 4]  # top-1 fractions
+    expected = 0.01 * 4 * sum(fi * pi for fi, pi in zip(f, P))  # α·E·Σ f P = 0.01 · 1.1375
+    assert switch_aux_loss(PROBS).item() == pytest.approx(expected, rel=1e-6)
+    assert expected == pytest.approx(0.011375)
+
+
+def test_v2_expert_balance_loss_hand_value():
+    idx = PROBS.topk(2, -1).indices
+    f = [4 / (2 * 4) * c for c in (3, 2, 2, 1)]  # N_r/(K_r T)·count = (1.5, 1, 1, 0.5)
+    expected = 0.003 * sum(fi * pi for fi, pi in zip(f, P))  # 0.003 · 1.06875
+    assert expert_balance_loss(PROBS, idx).item() == pytest.approx(expected, rel=1e-6)
+    assert expected == pytest.approx(0.00320625)
+    # perfectly uniform probabilities give exactly α whatever the routing
+    uniform = torch.full((4, 4), 0.25)
+    assert expert_balance_loss(uniform, idx).item() == pytest.approx(0.003)
+
+
+def test_v3_sequence_balance_loss_hand_value():
+    s = 0.8 * PROBS  # un-normalized sigmoid-like scores; eq 19 normalizes them back to PROBS
+    assert sequence_balance_loss(s, k=2).item() == pytest.approx(1e-4 * 1.06875, rel=1e-6)
+    # per sequence, then the mean over sequences: the second sequence is uniform (Σ f P = 1)
+    batch = torch.stack([s, torch.full((4, 4), 0.3)])
+    assert sequence_balance_loss(batch, k=2).item() == pytest.approx(1e-4 * (1.06875 + 1) / 2, rel=1e-6)
+    # with the routed (e.g. bias-selected) experts instead of eq 18's un-biased top-K:
+    routed = torch.tensor([[0, 1], [0, 1], [0, 1], [0, 1]])  # counts (4, 4, 0, 0) -> f = (2, 2, 0, 0)
+    expected = 1e-4 * (2 * 0.3375 + 2 * 0.2625)
+    assert sequence_balance_loss(s, k=2, topk_idx=routed).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_aux_loss_reaches_the_router_weights():
+    moe = DeepSeekMoE(moe_config())
+    moe(torch.randn(2, 5, 32))
+    sequence_balance_loss(moe.last_scores, k=4).backward()
+    assert moe.gate.weight.grad is not None and moe.gate.weight.grad.abs().sum() > 0
+
+
+def test_update_bias_hand_case():
+    moe = DeepSeekMoE(moe_config(n_routed_experts=4, num_experts_per_tok=1, n_group=1, topk_group=1))
+    update_bias(moe, torch.tensor([6, 2, 2, 2]), gamma=0.01)  # mean 3: expert 0 overloaded
+    torch.testing.assert_close(moe.gate.e_score_correction_bias, torch.tensor([-0.01, 0.01, 0.01, 0.01]))
+    update_bias(moe, torch.tensor([3, 3, 3, 3]), gamma=0.01)  # balanced: no change
+    torch.testing.assert_close(moe.gate.e_score_correction_bias, torch.tensor([-0.01, 0.01, 0.01, 0.01]))
+    assert not moe.gate.e_score_correction_bias.requires_grad
+
+
+def test_repeated_bias_updates_move_toward_balance():
+    torch.manual_seed(0)
+    moe = hand_router(4, 1)
+    x = torch.randn(1, 128, 4) + torch.tensor([1.5, 0.0, 0.0, 0.0])  # expert 0 favoured
+    moe.route(x)
+    before = max_violation(moe.last_load)
+    for _ in range(60):
+        moe.route(x)
+        update_bias(moe, gamma=0.02)  # uses moe.last_load
+    moe.route(x)
+    after = max_violation(moe.last_load)
+    assert before > 1.0 and after < 0.25 * before
+    assert moe.gate.e_score_correction_bias[0] < 0
+
+
+def test_capacity_drop_hand_case():
+    idx = torch.tensor([[0], [0], [0], [1]])  # expert 0 gets 3 slots; C = ceil(1.0 · 4 / 2) = 2
+    w = torch.tensor([[0.9], [0.5], [0.7], [0.6]])
+    by_score = capacity_drop(idx, w, num_experts=2)
+    assert by_score.flatten().tolist() == [False, True, False, False]  # lowest-weight slot of expert 0
+    by_position = capacity_drop(idx, w, num_experts=2, by="position")
+    assert by_position.flatten().tolist() == [False, False, True, False]  # latest token of expert 0
+    assert dropped_fraction(by_score) == 0.25
+    assert not capacity_drop(idx, w, num_experts=2, capacity_factor=1.5).any()  # C = 3
+    # K = 2: four tokens, eight slots, E = 4 -> C = 2; expert 0 takes five slots, three are dropped
+    idx2 = torch.tensor([[0, 1], [0, 2], [0, 3], [0, 1]])
+    w2 = torch.tensor([[0.5, 0.5], [0.9, 0.1], [0.2, 0.8], [0.7, 0.3]])
+    d = capacity_drop(idx2, w2, num_experts=4)
+    assert d.tolist() == [[True, False], [False, False], [True, False], [False, False]]
+    with pytest.raises(ValueError):
+        capacity_drop(idx, w, 2, by="random")
+
+
+def test_load_statistics_hand_cases():
+    assert expert_load(torch.tensor([[0, 1], [0, 2]]), 4).tolist() == [2, 1, 1, 0]
+    assert max_violation(torch.tensor([6, 2, 2, 2])) == pytest.approx(1.0)  # 6 / 3 − 1
+    assert max_violation(torch.tensor([3, 3, 3, 3])) == 0.0
+    # p = (1/2, 1/6, 1/6, 1/6): H = ½ ln 2 + ½ ln 6 = ½ ln 12
+    assert load_entropy(torch.tensor([6, 2, 2, 2])) == pytest.approx(0.5 * math.log(12))
+    assert load_entropy(torch.tensor([6, 2, 2, 2]), normalized=True) == pytest.approx(0.5 * math.log(12) / math.log(4))
+    assert load_entropy(torch.tensor([3, 3, 3, 3]), normalized=True) == pytest.approx(1.0)
+    assert load_entropy(torch.tensor([8, 0, 0, 0])) == 0.0  # 0·log 0 = 0
+
+
+# ---------------------------------------------------------------- in the model
+
+
+def test_course_model_with_moe_trains_and_counts_active_parameters():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn="moe",
+                      n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=16,
+                      n_group=2, topk_group=1, first_k_dense_replace=1, max_position_embeddings=64)
+    model = CourseModel(cfg)
+    assert isinstance(model.layers[0].mlp, SwiGLU) and isinstance(model.layers[1].mlp, DeepSeekMoE)
+    per_expert = 3 * 32 * 16
+    assert model.num_parameters(active=True) == model.num_parameters() - (8 - 2) * per_expert
+    assert model.num_parameters(active=True) < model.num_parameters()
+
+    ids = torch.randint(0, 32, (4, 17))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    moes = [layer.mlp for layer in model.layers if isinstance(layer.mlp, DeepSeekMoE)]
+    losses = []
+    for _ in range(15):
+        logits = model(ids[:, :-1])
+        loss = nn.functional.cross_entropy(logits.reshape(-1, 32), ids[:, 1:].reshape(-1))
+        aux = sum(sequence_balance_loss(m.last_scores, k=2) for m in moes)
+        opt.zero_grad()
+        (loss + aux).backward()
+        opt.step()
+        for m in moes:
+            update_bias(m, gamma=1e-3)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+    assert moes[0].gate.e_score_correction_bias.abs().sum() > 0
+
+
+@pytest.mark.parametrize("bad", [dict(n_group=3), dict(topk_group=5), dict(num_experts_per_tok=17),
+                                 dict(scoring_func="relu"), dict(n_group=8, topk_group=1),
+                                 dict(moe_intermediate_size=0)])
+def test_bad_moe_config_raises(bad):
+    with pytest.raises(ValueError):
+        moe_config(**bad)
+    fields = dict(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2)
+    # ffn="dense" does not check the MoE fields; DeepSeekMoE must
+    dense = ModelConfig(hidden_size=32, num_attention_heads=4, **{**fields, **bad})
+    with pytest.raises(ValueError):
+        DeepSeekMoE(dense)
