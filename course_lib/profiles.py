@@ -120,3 +120,14 @@ def setup_notebook(seed: int = 0, profile: str | None = None, quiet: bool = Fals
     if not quiet:
         print(f"device={device.type} profile={prof.name} threads={threads} torch={torch.__version__.split('+')[0]} seed={seed}")
     return NotebookSetup(device, prof, threads, seed)
+
+
+def checkpoint_path(name: str, suffix: str = ".pt", profile: str | None = None) -> str:
+    """Where a notebook keeps `name` for the current profile: $COURSE_CHECKPOINT_DIR, else ./checkpoints.
+
+    Per profile, so a gpu-sized checkpoint is never loaded into a cpu-sized model. The folder is
+    ignored by git and survives kernel restarts, which is what lets long cells resume.
+    """
+    folder = os.environ.get("COURSE_CHECKPOINT_DIR", "checkpoints")
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f"{name}_{get_profile(profile).name}{suffix}")

@@ -1,0 +1,73 @@
+"""The set-up files agree with each other: pyproject, Binder's environment.yml, the notebooks' first cell."""
+
+import glob
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+REQUIRED = {"torch", "einops", "numpy", "ipywidgets", "anywidget", "plotly", "tqdm", "jupyterlab"}
+
+
+def _name(req: str) -> str:
+    return re.split(r"[<>=!~ \[;@]", req.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def pyproject():
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_pyproject_names_every_dependency_and_ranges_torch():
+    deps = pyproject()["project"]["dependencies"]
+    assert {_name(d) for d in deps} == REQUIRED
+    torch_req = next(d for d in deps if _name(d) == "torch")
+    assert "==" not in torch_req and ">=" in torch_req, "torch must be a range so Colab's torch is kept"
+    test_extras = {_name(d) for d in pyproject()["project"]["optional-dependencies"]["test"]}
+    assert {"pytest", "nbval", "transformers", "playwright"} <= test_extras
+
+
+def test_environment_yml_parses_and_matches_pyproject():
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    deps = env["dependencies"]
+    assert "python=3.11" in deps
+    pip = next(d["pip"] for d in deps if isinstance(d, dict) and "pip" in d)
+    names = {_name(p) for p in pip if not p.startswith("-")}
+    assert names == {_name(d) for d in pyproject()["project"]["dependencies"]}
+    assert any("whl/cpu" in p for p in pip), "Binder has no GPU: install the CPU build of torch"
+
+
+def test_postbuild_installs_the_course_package():
+    post = ROOT / "postBuild"
+    assert post.stat().st_mode & 0o111, "postBuild must be executable for repo2docker"
+    assert re.search(r"pip install .*-e \.", post.read_text())
+
+
+def test_every_notebook_starts_with_the_same_setup_cell():
+    url = pyproject()["project"]["urls"]["Repository"]
+    firsts = []
+    for path in sorted(glob.glob(str(ROOT / "notebooks" / "*.ipynb"))):
+        cells = [c for c in json.loads(Path(path).read_text())["cells"] if c["cell_type"] == "code"]
+        firsts.append("".join(cells[0]["source"]))
+    assert firsts, "no notebooks found"
+    assert len(set(firsts)) == 1, "notebooks differ in their first code cell"
+    cell = firsts[0]
+    assert f"git+{url}" in cell and "enable_custom_widget_manager" in cell and "setup_notebook(" in cell
+    assert '"google.colab" in sys.modules' in cell
+    assert "--force-reinstall" not in cell and "torch" not in cell.split("pip")[1].split("check=True")[0]
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in readme and "make lab" in readme
+    assert re.search(r"^make test$", ci, re.M)
+
+
+def test_lab_command_keeps_token_auth_on_localhost():
+    make = (ROOT / "Makefile").read_text()
+    lab = make.split("\nlab:")[1].split("\n\n")[0]
+    assert "--ip=127.0.0.1" in lab
+    assert "token=''" not in lab and 'token=""' not in lab and "disable_check_xsrf" not in lab
