@@ -13,7 +13,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 TORCH_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
-.PHONY: lab test setup setup-test clean-venv
+.PHONY: lab test notebooks setup setup-test clean-venv
 
 setup: $(VENV)/.course-installed
 setup-test: $(VENV)/.test-installed
@@ -35,6 +35,14 @@ lab: setup
 test: setup-test
 	COURSE_PROFILE=cpu $(BIN)/python -m pytest tests notebooks --nbval --nbval-cell-timeout=900 \
 		--nbval-sanitize-with tests/nbval_sanitize.cfg -q
+
+# Re-run notebooks top to bottom under the cpu profile and store their outputs (what learners read on
+# the web), without widget state. One notebook: make notebooks NB=00_setup_and_baseline.ipynb
+notebooks: setup-test
+	cd notebooks && for nb in $(or $(NB),*.ipynb); do \
+		COURSE_PROFILE=cpu ../$(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+		--ExecutePreprocessor.store_widget_state=False --ExecutePreprocessor.timeout=1800 $$nb || exit 1; \
+	done
 
 clean-venv:
 	rm -rf $(VENV)

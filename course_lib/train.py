@@ -244,3 +244,29 @@ def evaluate_accuracy(model, tok, problems, max_new_tokens: int, score: Callable
         from .rewards import accuracy_reward as score
     texts, _ = generate_texts(model, tok, [p.prompt for p in problems], max_new_tokens, **kwargs)
     return sum(score(t, p.target) for t, p in zip(texts, problems)) / max(1, len(problems))
+
+
+def pretrain_on_task(config, profile, *, name: str | None = None, steps: int | None = None, seed: int = 0,
+                     callback: Callable[[int, float], None] | None = None, progress: bool = True, device=None):
+    """Build a CourseModel from `config` and train it on the profile's addition examples.
+
+    The shared recipe of every notebook that needs a trained model (notebook 00's baseline, the
+    GQA/MLA/MoE variants): same data, same steps, same seed, so results compare fairly. With a `name`
+    it checkpoints to `checkpoint_path(name)` and resumes or reloads from there.
+    Returns (model, TrainResult, tokenizer, train_problems, eval_problems).
+    """
+    from .model import CourseModel
+    from .profiles import checkpoint_path
+    from .tasks import Tokenizer, addition_splits, encode_examples
+
+    tok = Tokenizer()
+    train_problems, eval_problems = addition_splits(profile.n_train, profile.n_eval, digits=profile.digits, seed=0)
+    tokens, mask = encode_examples(train_problems, tok)
+    torch.manual_seed(seed)
+    model = CourseModel(config)
+    if device is not None:
+        model = model.to(device)
+    cfg = TrainConfig(steps=steps or profile.pretrain_steps, batch_size=profile.batch_size, lr=profile.lr, seed=seed)
+    result = train_lm(model, tokens, mask, cfg, checkpoint_path=checkpoint_path(name) if name else None,
+                      callback=callback, progress=progress)
+    return model, result, tok, train_problems, eval_problems
