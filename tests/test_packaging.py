@@ -71,3 +71,11 @@ def test_lab_command_keeps_token_auth_on_localhost():
     lab = make.split("\nlab:")[1].split("\n\n")[0]
     assert "--ip=127.0.0.1" in lab
     assert "token=''" not in lab and 'token=""' not in lab and "disable_check_xsrf" not in lab
+
+
+def test_readme_badges_point_at_the_repository_url():
+    url = pyproject()["project"]["urls"]["Repository"]
+    slug = url.removeprefix("https://github.com/")
+    readme = (ROOT / "README.md").read_text()
+    badges = re.findall(r"\]\((https://(?:mybinder\.org/v2/gh|colab\.research\.google\.com/github)/[^)]+)\)", readme)
+    assert len(badges) == 2 and all(f"/{slug}/" in b for b in badges)
