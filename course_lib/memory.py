@@ -243,3 +243,87 @@ PRESETS: dict[str, CacheSpec] = {s.name: s for s in (
               head_dim=128,  # hidden_size 4096 / 32 heads
               source="mistralai/Mistral-7B-v0.1 config.json"),
 )}
+
+
+# --- The cache-size explorer: one model, four caches, one GPU -------------------------------------------
+# `explore` is the pure function behind `course_lib.widgets.CacheExplorer`: every number the widget draws.
+
+# Total memory of a few GPUs, in GiB as nvidia-smi reports it (rounded), for "does the cache fit?".
+# The cache never gets all of it: weights and activations live there too.
+GPU_MEMORY_GIB: dict[str, float] = {
+    "T4 (16 GB)": 15.0,
+    "RTX 4090 (24 GB)": 24.0,
+    "A100 (40 GB)": 40.0,
+    "A100 / H100 / H800 (80 GB)": 80.0,
+    "H200 (141 GB)": 140.0,
+    "8x H800 node (640 GB)": 640.0,  # the node [V2] §3.2.3 measured its generation throughput on
+}
+
+# Context lengths the explorer's curves are drawn at: 1K, 2K, ..., 1M tokens.
+CONTEXT_LENGTHS: tuple[int, ...] = tuple(2 ** k for k in range(10, 21))
+
+
+def with_attention(spec: CacheSpec, attention: str, num_groups: int = 8) -> CacheSpec:
+    """`spec`'s model (its n_h, d_h and l) caching as `attention` does: the explorer's "what if" rows.
+
+    MLA for a model that has none takes V2's proportions, d_c = 4 d_h and d_h^R = d_h / 2 ([V2] Table 1
+    caption); GQA uses `num_groups` K/V heads unless the model already is GQA.
+    """
+    if attention not in ATTENTION_KINDS:
+        _fail(f"attention={attention!r} is not known", f"Use one of {ATTENTION_KINDS}.")
+    if attention == spec.attention:
+        return spec
+    h, d = spec.num_attention_heads, spec.head_dim
+    kv_heads = {"mha": h, "gqa": num_groups, "mqa": 1, "mla": h}[attention]
+    mla = dict(kv_lora_rank=4 * d, qk_rope_head_dim=d // 2) if attention == "mla" else {}
+    how = "d_c = 4 d_h, d_h^R = d_h/2 as [V2]" if mla else f"{kv_heads} K/V heads"
+    return CacheSpec(name=f"{spec.name} as {attention.upper()}", attention=attention,
+                     num_hidden_layers=spec.num_hidden_layers, num_attention_heads=h,
+                     num_key_value_heads=kv_heads, head_dim=d, **mla,
+                     source=f"derived from {spec.name}: n_h, d_h and l kept, {how}")
+
+
+def attention_label(spec: CacheSpec) -> str:
+    """A short label for a spec's cache: 'MHA', 'GQA (n_g=8)', 'MQA' or 'MLA (d_c=512)'."""
+    if spec.attention == "gqa":
+        return f"GQA (n_g={spec.num_key_value_heads})"
+    if spec.attention == "mla":
+        return f"MLA (d_c={spec.kv_lora_rank})"
+    return spec.attention.upper()
+
+
+def explore(spec: CacheSpec, attention: str | None = None, num_tokens: int = 32 * 1024, batch_size: int = 1,
+            elem_bytes: ElemBytes = "bf16", gpu_gib: float = 80.0, num_groups: int = 8) -> dict:
+    """The cache of `spec`'s model under each attention kind, against a GPU's memory.
+
+    Returns a dict of plain numbers:
+    - `rows`: one dict per kind (MHA, GQA, MQA, MLA; `with_attention`) with elements and bytes per
+      token, the cache of `batch_size` sequences of `num_tokens` tokens (`cache_gib`), its share of the
+      GPU (`gpu_fraction`, may exceed 1), whether it fits, the most tokens (summed over the batch) the
+      GPU could cache, and the saving against MHA;
+    - `selected`: the row of `attention` (default: the model's own);
+    - `context_lengths` and `curves` (kind -> cache GiB at each length, same batch): the growth lines.
+    """
+    attention = attention or spec.attention
+    if not gpu_gib > 0:
+        _fail(f"gpu_gib={gpu_gib!r} must be positive", f"Pass the GPU's memory in GiB, e.g. {GPU_MEMORY_GIB}.")
+    gpu_bytes = gpu_gib * 1024**3
+    specs = {kind: with_attention(spec, kind, num_groups) for kind in ATTENTION_KINDS}
+    mha_bytes = bytes_per_token(specs["mha"], elem_bytes)
+    rows = []
+    for kind, s in specs.items():
+        per_token = bytes_per_token(s, elem_bytes)
+        total = cache_bytes(s, num_tokens, batch_size, elem_bytes)
+        rows.append({
+            "attention": kind, "label": attention_label(s), "name": s.name, "selected": kind == attention,
+            "elements_per_token": elements_per_token(s), "bytes_per_token": per_token,
+            "kib_per_token": per_token / 1024, "cache_gib": total / 1024**3,
+            "gpu_fraction": total / gpu_bytes, "fits": total <= gpu_bytes,
+            "max_tokens_in_gpu": int(gpu_bytes // per_token), "reduction_vs_mha": 1 - per_token / mha_bytes,
+        })
+    curves = {kind: [cache_bytes(s, n, batch_size, elem_bytes) / 1024**3 for n in CONTEXT_LENGTHS]
+              for kind, s in specs.items()}
+    selected = next(r for r in rows if r["selected"])
+    return {"model": spec.name, "num_tokens": num_tokens, "batch_size": batch_size,
+            "element_bytes": element_bytes(elem_bytes), "gpu_gib": gpu_gib, "rows": rows, "selected": selected,
+            "context_lengths": list(CONTEXT_LENGTHS), "curves": curves}

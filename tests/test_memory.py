@@ -6,7 +6,8 @@ What is asserted:
 - [V2] abstract: "reduces the KV cache by 93.3%" vs DeepSeek 67B holds only with V2's 6-bit cache vs a
   bf16 67B; equal precision gives 82.2% (DEEPSEEK_REFERENCE.md §1.9);
 - [V2] Table 9: V2-Lite-sized MLA vs MHA counts (15.6K vs 110.6K, "14%");
-- fractional element sizes, linear scaling in tokens and batch, and ValueErrors that say how to fix.
+- fractional element sizes, linear scaling in tokens and batch, and ValueErrors that say how to fix;
+- the explorer's `with_attention` / `explore`: one model under each kind, totals against a GPU.
 """
 
 import dataclasses
@@ -14,9 +15,12 @@ import dataclasses
 import pytest
 
 from course_lib.memory import (
+    CONTEXT_LENGTHS,
     ELEMENT_BYTES,
+    GPU_MEMORY_GIB,
     PRESETS,
     CacheSpec,
+    attention_label,
     bytes_per_token,
     cache_bytes,
     compare,
@@ -24,9 +28,11 @@ from course_lib.memory import (
     elements_per_token,
     elements_per_token_per_layer,
     equivalent_gqa_groups,
+    explore,
     kv_cache_reduction,
     mha_counterpart,
     table1,
+    with_attention,
 )
 
 V2, V3, LITE, D67B = PRESETS["deepseek-v2"], PRESETS["deepseek-v3"], PRESETS["deepseek-v2-lite"], PRESETS["deepseek-llm-67b"]
@@ -212,3 +218,58 @@ def test_bad_cache_arguments():
         table1(D67B)
     with pytest.raises(ValueError, match=r"baseline='gpt-4' is not among the compared specs"):
         compare(baseline="gpt-4")
+
+
+# --- the cache-size explorer's pure function ----------------------------------------------------------
+# What is asserted: `with_attention` keeps n_h, d_h, l and applies V2's proportions to a new MLA;
+# `explore` gives one row per kind with bytes, totals, GPU share and fit that match the formulas above,
+# curves linear in context length, and the selected row follows `attention`.
+
+
+def test_with_attention_keeps_the_model_and_uses_v2_proportions_for_mla():
+    llama = PRESETS["llama-3-8b"]
+    assert with_attention(llama, "gqa") is llama  # already GQA: the model itself
+    mla = with_attention(llama, "mla")
+    assert (mla.kv_lora_rank, mla.qk_rope_head_dim) == (4 * 128, 128 // 2)
+    assert elements_per_token(mla) == 576 * 32 and equivalent_gqa_groups(mla) == 2.25
+    assert with_attention(V3, "mla") is V3  # its own d_c and d_h^R, not derived ones
+    assert elements_per_token(with_attention(V3, "mha")) == elements_per_token(mha_counterpart(V3))
+    assert elements_per_token(with_attention(V3, "gqa", num_groups=16)) == 2 * 16 * 128 * 61
+    assert elements_per_token(with_attention(V3, "mqa")) == 2 * 128 * 61
+    assert [attention_label(with_attention(V3, k)) for k in ("mha", "gqa", "mqa", "mla")] == \
+        ["MHA", "GQA (n_g=8)", "MQA", "MLA (d_c=512)"]
+    with pytest.raises(ValueError, match=r"attention='sparse' is not known"):
+        with_attention(V3, "sparse")
+    with pytest.raises(ValueError, match=r"num_key_value_heads=3 must divide"):
+        with_attention(LITE, "gqa", num_groups=3)
+
+
+def test_explore_v3_at_128k_on_an_80_gib_gpu():
+    out = explore(V3, num_tokens=128 * 1024, batch_size=1, elem_bytes="bf16", gpu_gib=80)
+    rows = {r["attention"]: r for r in out["rows"]}
+    assert list(rows) == ["mha", "gqa", "mqa", "mla"] and out["selected"] is rows["mla"]  # V3's own kind
+    assert rows["mla"]["cache_gib"] == pytest.approx(8.578125)  # as test_v3_full_context_size
+    assert rows["mha"]["cache_gib"] == pytest.approx(2 * 128 * 128 * 61 * 2 * 128 * 1024 / 1024**3) == 488
+    assert rows["mha"]["fits"] is False and rows["mla"]["fits"] is True
+    assert rows["mha"]["gpu_fraction"] == pytest.approx(488 / 80)
+    assert rows["mla"]["max_tokens_in_gpu"] == 80 * 1024**3 // (35_136 * 2)
+    assert rows["mla"]["reduction_vs_mha"] == pytest.approx(1 - 576 / 32_768)
+    assert rows["mha"]["reduction_vs_mha"] == 0
+    assert rows["gqa"]["bytes_per_token"] == 2 * 8 * 128 * 61 * 2
+
+
+def test_explore_totals_scale_with_batch_dtype_and_context():
+    base = explore(D67B, "gqa", num_tokens=4096, batch_size=1, elem_bytes="bf16")
+    big = explore(D67B, "gqa", num_tokens=8192, batch_size=4, elem_bytes="6bit")
+    assert big["selected"]["cache_gib"] == pytest.approx(base["selected"]["cache_gib"] * 2 * 4 * 0.75 / 2)
+    assert big["selected"]["bytes_per_token"] == 194_560 * 0.75 and big["element_bytes"] == 0.75
+    assert explore(D67B, "mla")["selected"]["label"] == "MLA (d_c=512)"
+    curve = base["curves"]["gqa"]
+    assert base["context_lengths"] == list(CONTEXT_LENGTHS) and CONTEXT_LENGTHS[0] == 1024 and CONTEXT_LENGTHS[-1] == 2**20
+    assert curve[3] == pytest.approx(cache_bytes(D67B, 8192) / 1024**3)
+    assert all(b == pytest.approx(2 * a) for a, b in zip(curve, curve[1:]))  # linear: doubling context doubles it
+    assert all(0 < v < 1024 for v in GPU_MEMORY_GIB.values())
+    with pytest.raises(ValueError, match=r"gpu_gib=0 must be positive"):
+        explore(V3, gpu_gib=0)
+    with pytest.raises(ValueError, match=r"batch_size=0 must be a positive integer"):
+        explore(V3, batch_size=0)
