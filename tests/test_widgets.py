@@ -27,3 +27,63 @@ def test_renderer_is_lab_friendly_off_colab(monkeypatch):
     assert widgets.set_plotly_renderer() == "plotly_mimetype+notebook_connected" == pio.renderers.default
     monkeypatch.setenv("COLAB_RELEASE_TAG", "x")
     assert widgets.set_plotly_renderer() == "colab"
+
+
+# --- the cache-size explorer (KV-cache track) -----------------------------------------------------------
+# What is asserted: the figure shows exactly `memory.explore`'s numbers; moving a control redraws it
+# with the new numbers (no browser: ipywidgets observers fire in Python); the text fallback; bad values.
+
+import pytest  # noqa: E402
+
+from course_lib import memory  # noqa: E402
+
+
+def test_cache_explorer_draws_what_explore_computes():
+    ex = widgets.CacheExplorer(show=False)
+    expected = memory.explore(memory.PRESETS["deepseek-v3"], "mla", 128 * 1024, 1, "bf16", 80.0)
+    assert ex.result == expected
+    bars = ex.fig.data[0]
+    assert list(bars.x) == ["MHA", "GQA (n_g=8)", "MQA", "MLA (d_c=512)"]
+    assert list(bars.y) == [r["kib_per_token"] for r in expected["rows"]]
+    assert list(bars.marker.opacity) == [0.35, 0.35, 0.35, 1.0]  # MLA, the model's own kind, stands out
+    assert list(ex.fig.data[4].y) == expected["curves"]["mla"]
+    assert list(ex.fig.data[5].y) == [80.0, 80.0]  # the GPU line
+    assert list(ex.fig.data[6].y) == [pytest.approx(8.578125)]  # the chosen point: V3 at 128K in bf16
+
+
+@pytest.mark.parametrize("control, value", [
+    ("preset", "llama-3-8b"), ("attention", "mha"), ("num_tokens", 4096), ("batch_size", 8),
+    ("elem_bytes", "6bit"), ("gpu", "T4 (16 GB)"),
+])
+def test_changing_a_control_changes_the_figure(control, value):
+    ex = widgets.CacheExplorer(show=False)
+    before = (ex.fig.to_dict()["data"], ex.summary.value, ex.draws)
+    ex.controls[control].value = value
+    assert ex.draws == before[2] + 1
+    assert ex.fig.to_dict()["data"] != before[0] and ex.summary.value != before[1]
+    assert ex.result == memory.explore(**ex.values())
+    chosen = ex.fig.data[6]
+    assert list(chosen.x) == [ex.result["num_tokens"]] and list(chosen.y) == [ex.result["selected"]["cache_gib"]]
+
+
+def test_explorer_prints_a_table_and_refuses_unknown_values(capsys, monkeypatch):
+    shown = []
+    monkeypatch.setattr(widgets, "_display", shown.append)
+    ex = widgets.CacheExplorer(preset="deepseek-llm-67b", num_tokens=4096, batch_size=8, show=True)
+    assert shown == [ex.widget]
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "deepseek-llm-67b: 8 x 4K tokens, 2 bytes/element, GPU with 80 GiB"
+    # the selected row: 380 KiB per token; 389,120 B x 4096 x 8 = 11.875 GiB, 14.8% of 80 GiB
+    assert out[3].startswith("*GQA (n_g=8)") and out[3].split()[2:5] == ["380.0", "11.88", "14.8%"]
+    assert ex.table() == "\n".join(out)
+    assert [widgets.tokens_label(n) for n in (1024, 131072, 2**20, 1000)] == ["1K", "128K", "1M", "1000"]
+    with pytest.raises(ValueError, match=r"num_tokens=5000 is not offered"):
+        widgets.CacheExplorer(num_tokens=5000, show=False)
+    with pytest.raises(ValueError, match=r"preset='gpt-5' is not offered"):
+        widgets.CacheExplorer(preset="gpt-5", show=False)
+
+
+def test_line_chart_draws_one_trace_per_series():
+    fig = widgets.line_chart([1, 2, 4], {"a": [1.0, 2.0, 3.0], "b": [3.0, 2.0, 1.0]}, "t", log_x=True)
+    assert [t.name for t in fig.data] == ["a", "b"] and list(fig.data[1].y) == [3.0, 2.0, 1.0]
+    assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type != "log"
