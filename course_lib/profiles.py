@@ -103,13 +103,15 @@ class NotebookSetup:
 def setup_notebook(seed: int = 0, profile: str | None = None, quiet: bool = False) -> NotebookSetup:
     """Seed everything, pick the device and profile, size torch's thread pool, set plotly's renderer.
 
-    Small tiny-matrix workloads run fastest with one thread per core; more threads than cores
-    (a container reporting the host's CPUs) makes them much slower, hence `usable_cpus`.
+    The course's models are small: their matrices gain little from many threads, and threads that
+    outnumber free cores (a container reporting the host's CPUs, a busy laptop) make them many times
+    slower. So torch gets half the usable cores, at least one and at most eight, which also leaves a
+    core for JupyterLab and the widgets.
     """
     seed_everything(seed)
     prof = get_profile(profile)
     device = pick_device()
-    threads = max(1, min(usable_cpus(), 8))
+    threads = max(1, min(usable_cpus() // 2, 8))
     torch.set_num_threads(threads)
     try:
         from .widgets import set_plotly_renderer
