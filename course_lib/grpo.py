@@ -1,6 +1,7 @@
 """GRPO: group-relative advantages, the clipped surrogate, the k3 KL, and the loss variants.
 
-This part is pure math on tensors; sampling and the trainer build on it. Sources are the tags of
+The first part is pure math on tensors; the second samples groups on the model's KV cache and
+trains (``sample_groups``, ``completion_logprobs``, ``batch_loss``, ``train_grpo``). Sources are the tags of
 DEEPSEEK_REFERENCE.md §3: GRPO [Math] §4.1 eqs 3–4, Dr. GRPO [DrGRPO] §3, DAPO [DAPO] §3.
 
 Shapes: P prompts, G completions per prompt (the group), B = P·G sequences ordered group-major
@@ -161,3 +162,369 @@ def grpo_loss(
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     return float((x.detach() * mask).sum() / mask.sum().clamp(min=1))
+
+
+# ============================================================================= sampling and the trainer
+#
+# The R1-Zero loop ([R1] §2.2, [Math] §4.1): for each prompt q sample a group {o_1..o_G} from the
+# current policy (which is π_θold), score each o_i with rule-based rewards, turn the rewards into
+# group-relative advantages, and take μ gradient steps on the clipped surrogate. No value network.
+# Letters as above, plus L completion tokens (padded to the longest in the batch), Tp prompt tokens.
+
+import copy  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass, field, replace  # noqa: E402
+from typing import Callable  # noqa: E402
+
+from tqdm.auto import tqdm  # noqa: E402
+
+
+@dataclass
+class Rollout:
+    """G sampled completions for each of P problems, group-major (row p·G+g is problem p's g-th).
+
+    ``tokens`` (B, L) are completion ids right-padded with the pad id; ``mask`` (B, L) is True on
+    every generated token up to and including ``</answer>``; ``finished`` (B,) is False where the
+    completion hit the length limit instead (truncated). ``prompts`` holds each problem's prompt ids.
+    """
+    problems: list
+    prompts: list[list[int]]
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    finished: torch.Tensor
+    texts: list[str]
+    group_size: int
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.mask.sum(dim=1)  # (B,)
+
+    def problem_of(self, row: int):
+        return self.problems[row // self.group_size]
+
+
+def _by_prompt_length(prompts: list[list[int]], group_size: int, device) -> list[tuple[list[int], torch.Tensor]]:
+    """Rows of equal prompt length, with their prompts repeated G times: [(rows, prompt (b, Tp))].
+
+    The course's attention has no padding mask, so prompts of different lengths cannot share a
+    batch; each length is one batch (addition prompts come in about five lengths).
+    """
+    by_len: dict[int, list[int]] = {}
+    for p, ids in enumerate(prompts):
+        by_len.setdefault(len(ids), []).append(p)
+    out = []
+    for ps in by_len.values():
+        rows = [p * group_size + g for p in ps for g in range(group_size)]
+        prompt = torch.tensor([prompts[p] for p in ps], device=device).repeat_interleave(group_size, dim=0)  # (b, Tp)
+        out.append((rows, prompt))
+    return out
+
+
+@torch.no_grad()
+def sample_groups(model, tok, problems: list, group_size: int, max_new_tokens: int, *, temperature: float = 1.0,
+                  top_p: float = 1.0, generator: torch.Generator | None = None, use_cache: bool = True) -> Rollout:
+    """Sample ``group_size`` completions per problem, batched on the model's KV cache (``train.generate``).
+
+    Each completion stops after ``</answer>`` (the tokenizer's stop id) or at ``max_new_tokens``
+    (truncated: ``finished`` is False). Temperature 0 is greedy, which makes G identical copies.
+    """
+    from .train import generate
+
+    device = next(model.parameters()).device
+    prompts = [tok.encode(p.prompt, bos=True) for p in problems]
+    B = len(problems) * group_size
+    tokens = torch.full((B, max_new_tokens), tok.pad_id, dtype=torch.long, device=device)  # (B, L)
+    mask = torch.zeros((B, max_new_tokens), dtype=torch.bool, device=device)  # (B, L)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
+    for rows, prompt in _by_prompt_length(prompts, group_size, device):
+        gen = generate(model, prompt, max_new_tokens, temperature=temperature, top_p=top_p, stop_id=tok.stop_id,
+                       pad_id=tok.pad_id, use_cache=use_cache, generator=generator)
+        n = gen.tokens.shape[1]
+        idx = torch.tensor(rows, device=device)
+        tokens[idx, :n], mask[idx, :n], finished[idx] = gen.tokens, gen.mask, gen.finished
+    L = max(1, int(mask.sum(dim=1).max()))
+    tokens, mask = tokens[:, :L], mask[:, :L]  # (B, L): drop the columns nobody used
+    texts = [tok.decode(row[m].tolist()) for row, m in zip(tokens.cpu(), mask.cpu())]
+    return Rollout(list(problems), prompts, tokens, mask, finished, texts, group_size)
+
+
+def completion_logprobs(model, rollout: Rollout, temperature: float = 1.0,
+                        with_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """log π_θ(o_{i,t} | q, o_{i,<t}) of every completion token: (B, L), one causal forward per prompt length.
+
+    Logits are divided by ``temperature`` first, so these are the log-probs of the distribution the
+    completions were sampled from (as TRL does; top-p is not renormalized, as in TRL). Padding
+    positions hold log-probs of pad tokens: use ``rollout.mask``. With ``with_entropy`` also returns
+    the per-token entropy (B, L) of that distribution, detached (a statistic, not a loss term).
+    """
+    device = rollout.tokens.device
+    pieces, entropies, order = [], [], []
+    for rows, prompt in _by_prompt_length(rollout.prompts, rollout.group_size, device):
+        Tp = prompt.shape[1]
+        completion = rollout.tokens[torch.tensor(rows, device=device)]  # (b, L)
+        ids = torch.cat([prompt, completion], dim=1)  # (b, Tp + L)
+        logits = model(ids[:, :-1])[:, Tp - 1:] / temperature  # (b, L, V): position Tp-1+t predicts token t
+        pieces.append(token_logprobs(logits, completion))  # (b, L)
+        if with_entropy:
+            with torch.no_grad():
+                logits = logits.float()
+                entropies.append(torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1))  # (b, L)
+        order.extend(rows)
+    inverse = torch.argsort(torch.tensor(order, device=device))  # back to group-major row order
+    logp = torch.cat(pieces)[inverse]  # (B, L)
+    return (logp, torch.cat(entropies)[inverse]) if with_entropy else logp
+
+
+# ----------------------------------------------------------------------------- rewards for the trainer
+
+def make_reward(accuracy_weight: float = 1.0, format_weight: float = 0.5,
+                format_fn: Callable[[str], float] | None = None) -> Callable[[str, object], float]:
+    """``reward(completion, problem) = accuracy_weight·accuracy + format_weight·format``.
+
+    R1-Zero sums a rule-based accuracy reward and a format reward ([R1] §2.2.2; the weights are not
+    published). Accuracy is the task's verifier (``tasks.score_answer``: the answer block parsed,
+    never evaluated); format is ``rewards.format_reward`` unless ``format_fn`` says otherwise
+    (notebook 06 passes the naive ``partial_format_reward`` to watch it get hacked).
+    """
+    from .rewards import format_reward
+    from .tasks import score_answer
+
+    format_fn = format_fn or format_reward
+
+    def reward(completion: str, problem) -> float:
+        acc = score_answer(problem, completion) if accuracy_weight else 0.0
+        return accuracy_weight * acc + format_weight * format_fn(completion)
+
+    return reward
+
+
+def rollout_stats(rewards: torch.Tensor, correct: torch.Tensor, formatted: torch.Tensor,
+                  lengths: torch.Tensor, finished: torch.Tensor) -> dict[str, float]:
+    """Per-step numbers of a rollout: rewards, correct, formatted (P, G); lengths, finished (B,).
+
+    ``zero_adv_frac`` is the fraction of groups whose rewards all tie (zero advantage everywhere:
+    no learning signal, [DAPO] §3.2); ``truncation_rate`` the fraction of completions that hit the
+    length limit.
+    """
+    return {
+        "reward": float(rewards.float().mean()),
+        "accuracy": float(correct.float().mean()),
+        "format_rate": float(formatted.float().mean()),
+        "length": float(lengths.float().mean()),
+        "zero_adv_frac": float(1.0 - zero_variance_mask(rewards).float().mean()),
+        "truncation_rate": float(1.0 - finished.float().mean()),
+    }
+
+
+def score_rollout(rollout: Rollout, reward_fn: Callable[[str, object], float]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Rewards (P, G) of a rollout and its ``rollout_stats`` (accuracy and strict format always measured)."""
+    from .rewards import format_reward
+    from .tasks import score_answer
+
+    P, G = len(rollout.problems), rollout.group_size
+    probs = [rollout.problem_of(r) for r in range(P * G)]
+    rewards = torch.tensor([reward_fn(t, p) for t, p in zip(rollout.texts, probs)]).view(P, G)  # (P, G)
+    correct = torch.tensor([score_answer(p, t) for t, p in zip(rollout.texts, probs)]).view(P, G)
+    formatted = torch.tensor([format_reward(t) for t in rollout.texts]).view(P, G)
+    return rewards, rollout_stats(rewards, correct, formatted, rollout.lengths.cpu(), rollout.finished.cpu())
+
+
+def evaluate_policy(model, tok, problems: list, max_new_tokens: int, *, samples: int = 1, temperature: float = 0.0,
+                    top_p: float = 1.0, seed: int = 0) -> tuple[dict[str, float], Rollout]:
+    """Accuracy, strict format rate, mean length and truncation rate on ``problems``: greedy by default,
+    or ``samples`` completions each at ``temperature`` (seeded). Returns the numbers and the rollout."""
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+    rollout = sample_groups(model, tok, problems, samples, max_new_tokens, temperature=temperature, top_p=top_p,
+                            generator=g)
+    _, stats = score_rollout(rollout, lambda t, p: 0.0)
+    return {k: stats[k] for k in ("accuracy", "format_rate", "length", "truncation_rate")}, rollout
+
+
+# ----------------------------------------------------------------------------- config and loss of one batch
+
+VARIANTS = {
+    "grpo": {},                                                   # [Math] eq 3: std-scaled Â, per-sequence mean
+    "dr_grpo": dict(scale_rewards=False, aggregation="dr_grpo"),  # [DrGRPO] §3: Â = r − mean, constant normalizer
+    "clip_higher": dict(eps_high=0.28),                           # [DAPO] §3.1: ε_low 0.2, ε_high 0.28
+    "token_level": dict(aggregation="token"),                     # [DAPO] §3.3 eq 12: every token weighs the same
+    "filter_zero_variance": dict(filter_zero_variance=True),      # [DAPO] §3.2: drop groups that all tie
+}
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    steps: int = 100                  # rollout + update rounds
+    prompts_per_step: int = 32        # P problems per rollout
+    group_size: int = 8               # G completions per problem ([Math] §4.2 uses 64, DAPO 16)
+    max_new_tokens: int = 48          # length limit; also Dr. GRPO's constant normalizer L_max
+    temperature: float = 1.0          # sampling temperature (R1-Zero reproductions use 1.0)
+    top_p: float = 1.0
+    lr: float = 3e-4                  # small models forgive more than [Math]'s 1e-6, but 1e-3 collapses ours
+    warmup_steps: int = 10            # linear warm-up, then constant ([DAPO] §4.1 warms up 20 steps)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    mu: int = 1                       # gradient steps per rollout; 1 = [Math] §4.2 (ρ ≡ 1, clip inactive)
+    beta: float = 0.0                 # KL coefficient to the frozen reference ([Math] 0.04; DAPO/Dr. GRPO 0)
+    eps_low: float = 0.2              # clip band [1 − eps_low, 1 + eps_high]
+    eps_high: float | None = None     # None = eps_low (symmetric); 0.28 = DAPO's clip-higher
+    scale_rewards: bool = True        # divide by the group std; False = Dr. GRPO
+    aggregation: str = "sequence"     # "sequence" (GRPO), "token" (DAPO), "dr_grpo"
+    filter_zero_variance: bool = False  # drop tied groups from the loss
+    track_kl: bool = True             # measure KL to the reference even when beta = 0 (one extra forward)
+    checkpoint_every: int = 20
+    seed: int = 0                     # seeds prompt choice and sampling, per step (exact resume)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "prompts_per_step", "max_new_tokens", "mu", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1.")
+        if self.group_size < 2:
+            raise ValueError(f"group_size={self.group_size}: GRPO compares completions within a group, use G >= 2.")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature}: RL needs sampling, use a temperature > 0 (e.g. 1.0).")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation={self.aggregation!r}: use one of {AGGREGATIONS}.")
+        if self.lr <= 0 or not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"need lr > 0 and 0 <= warmup_steps <= steps, got lr={self.lr}, "
+                             f"warmup_steps={self.warmup_steps}, steps={self.steps}.")
+
+    def lr_at(self, step: int) -> float:
+        return self.lr * min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else self.lr
+
+    def variant(self, *names: str, **changes) -> "GRPOConfig":
+        """This config with the named switches of ``VARIANTS`` turned on, e.g. ``cfg.variant("dr_grpo")``."""
+        for name in names:
+            if name not in VARIANTS:
+                raise ValueError(f"unknown variant {name!r}: use one of {sorted(VARIANTS)}.")
+            changes = {**VARIANTS[name], **changes}
+        return replace(self, **changes)
+
+
+def batch_loss(logp: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor, cfg: GRPOConfig, *,
+               old_logp: torch.Tensor | None = None, ref_logp: torch.Tensor | None = None):
+    """The loss of one rollout under ``cfg``'s switches: logp, mask (B, L) group-major, rewards (P, G).
+
+    Advantages are group-relative (std-scaled unless ``scale_rewards=False``); with
+    ``filter_zero_variance`` the tied groups' rows leave the batch, so they no longer count in any
+    normalizer. ``old_logp=None`` means μ = 1, where π_θold is the current policy: ρ ≡ 1 in value
+    but still carries the gradient. Returns ``(loss, stats)``, or ``(None, {})`` when no group is left.
+    """
+    P, G = rewards.shape
+    adv = rearrange(group_advantages(rewards, scale=cfg.scale_rewards), "p g -> (p g)")  # (B,)
+    if cfg.filter_zero_variance:
+        rows = torch.nonzero(zero_variance_mask(rewards).repeat_interleave(G)).squeeze(1).to(logp.device)
+        if rows.numel() == 0:
+            return None, {}
+        logp, mask, adv = logp[rows], mask[rows], adv[rows.cpu()]
+        old_logp = None if old_logp is None else old_logp[rows]
+        ref_logp = None if ref_logp is None else ref_logp[rows]
+    old_logp = logp.detach() if old_logp is None else old_logp
+    return grpo_loss(logp, old_logp, adv.to(logp.device), mask, ref_logp=ref_logp, beta=cfg.beta,
+                     eps_low=cfg.eps_low, eps_high=cfg.eps_high, aggregation=cfg.aggregation,
+                     max_len=cfg.max_new_tokens)
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+@dataclass
+class GRPOResult:
+    history: list[dict[str, float]] = field(default_factory=list)  # one dict of stats per step
+    resumed_from: int = 0            # the step a checkpoint put us at (0 = fresh start)
+    seconds: float = 0.0             # wall time of the steps run in this call
+    last_rollout: Rollout | None = None
+
+    def series(self, key: str) -> list[float]:
+        return [h[key] for h in self.history]
+
+
+def grpo_step(model, optimizer, ref_model, tok, problems: list, cfg: GRPOConfig,
+              reward_fn: Callable[[str, object], float], step: int) -> tuple[dict[str, float], Rollout]:
+    """One round: sample P·G completions, score them, take ``cfg.mu`` gradient steps. Returns stats, rollout.
+
+    Prompts and samples are drawn from generators seeded with (seed, step), so a resumed run draws
+    exactly what an uninterrupted one would.
+    """
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
+    chosen = random.Random(cfg.seed * 1_000_003 + step).sample(range(len(problems)), cfg.prompts_per_step)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
+    rollout = sample_groups(model, tok, [problems[i] for i in chosen], cfg.group_size, cfg.max_new_tokens,
+                            temperature=cfg.temperature, top_p=cfg.top_p, generator=gen)
+    rewards, stats = score_rollout(rollout, reward_fn)
+    ref_logp = old_logp = None
+    with torch.no_grad():
+        if ref_model is not None:
+            ref_logp = completion_logprobs(ref_model, rollout, cfg.temperature)
+        if cfg.mu > 1:  # π_θold: the policy that sampled, fixed for all μ steps
+            old_logp = completion_logprobs(model, rollout, cfg.temperature)
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.lr_at(step)
+    model.train()
+    stats.update(kl=float("nan"), entropy=float("nan"), loss=float("nan"), clip_frac=float("nan"),
+                 lr=cfg.lr_at(step), updated=0.0)
+    for inner in range(cfg.mu):
+        logp, entropy = completion_logprobs(model, rollout, cfg.temperature, with_entropy=True)
+        if inner == 0:  # measured on the whole rollout, before this step's updates
+            m = rollout.mask
+            stats["entropy"] = float((entropy * m).sum() / m.sum())
+            if ref_logp is not None:
+                stats["kl"] = float((kl_k3(logp.detach(), ref_logp) * m).sum() / m.sum())
+        loss, loss_stats = batch_loss(logp, rollout.mask, rewards.to(device), cfg, old_logp=old_logp,
+                                      ref_logp=ref_logp if cfg.beta else None)
+        if loss is None:  # every group tied and filtering is on: nothing to learn from
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        stats.update(loss=loss.item(), clip_frac=loss_stats["clip_frac"], updated=float(inner + 1))
+    model.eval()
+    stats["seconds"] = time.perf_counter() - t0
+    return stats, rollout
+
+
+def train_grpo(model, tok, problems: list, cfg: GRPOConfig, *, reward_fn: Callable[[str, object], float] | None = None,
+               checkpoint_path: str | None = None, callback: Callable[[int, dict, Rollout], None] | None = None,
+               progress: bool = True) -> GRPOResult:
+    """GRPO on ``problems`` (anything with ``prompt`` and ``target``, or a ``verify`` method).
+
+    The reference policy for the KL term is a frozen copy of the model as it was at step 0 (kept in
+    the checkpoint, so a resumed run measures KL against the same reference). If
+    ``checkpoint_path`` holds a checkpoint, training resumes from it; the result of an interrupted
+    and resumed run equals an uninterrupted one. ``callback(step, stats, rollout)`` runs after every
+    step (the live dashboard); raising from it stops training.
+    """
+    from .train import load_checkpoint, make_optimizer, save_checkpoint
+
+    if len(problems) < cfg.prompts_per_step:
+        raise ValueError(f"{len(problems)} problems but prompts_per_step={cfg.prompts_per_step}: pass more problems.")
+    reward_fn = reward_fn or make_reward()
+    optimizer = make_optimizer(model, cfg)
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if (cfg.beta or cfg.track_kl) else None
+    result = GRPOResult()
+    start = 0
+    if checkpoint_path and os.path.exists(checkpoint_path):
+        ckpt = load_checkpoint(checkpoint_path, model, optimizer)  # torch.load(weights_only=True)
+        start = result.resumed_from = ckpt["step"]
+        result.history = list(ckpt["extra"]["history"])
+        if ref_model is not None:
+            ref_model.load_state_dict(ckpt["extra"]["ref_model"])
+    t0 = time.perf_counter()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="grpo")
+    for step in bar:
+        stats, rollout = grpo_step(model, optimizer, ref_model, tok, problems, cfg, reward_fn, step)
+        result.history.append(stats)
+        result.last_rollout = rollout
+        bar.set_postfix(reward=f"{stats['reward']:.2f}", acc=f"{stats['accuracy']:.2f}", fmt=f"{stats['format_rate']:.2f}")
+        if checkpoint_path and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+            extra = {"history": result.history, "grpo_config": asdict(cfg),
+                     "ref_model": ref_model.state_dict() if ref_model is not None else {}}
+            save_checkpoint(checkpoint_path, model, optimizer, step + 1, [h["loss"] for h in result.history], extra)
+        if callback is not None:
+            callback(step, stats, rollout)
+    result.seconds = time.perf_counter() - t0
+    model.eval()
+    return result

@@ -290,3 +290,279 @@ def test_old_logp_ref_logp_and_adv_are_constants():
     # token weight 1/2: surrogate -A/2; KL beta·(1 - π_ref/π)/2 = 0.5·0.5/2 = 0.125.
     # (An attached ref would add beta·(π_ref/π - 1)/2 = -0.125 and cancel the KL gradient.)
     torch.testing.assert_close(logp.grad, torch.tensor([[-0.5 + 0.125], [0.5 + 0.125]]))
+
+
+# ================================================================ sampling, batch loss and the trainer
+#
+# What is asserted:
+# - sample_groups: completion log-probs from one padded forward per prompt length equal a token-by-token
+#   recomputation on the KV cache; rows are group-major; masks end right after </answer>, truncated rows
+#   run to the limit; greedy evaluation agrees with train.generate_texts.
+# - grpo_step: one step with a hand-made reward raises the rewarded completion's probability and lowers
+#   the others'; mu sets the number of optimizer steps.
+# - train_grpo: an interrupted and resumed run equals an uninterrupted one (weights and stats).
+# - batch_loss switches, each against the hand formula of its per-token weight: scale_rewards (std),
+#   dr_grpo (constant normalizer), token-level, clip-higher (only A>0 tokens above 1+eps_low move),
+#   zero-variance filtering (tied rows leave every normalizer); variant() changes only its fields.
+
+import copy  # noqa: E402
+from dataclasses import asdict  # noqa: E402
+
+from course_lib.config import ModelConfig  # noqa: E402
+from course_lib.grpo import (  # noqa: E402
+    VARIANTS, GRPOConfig, batch_loss, completion_logprobs, evaluate_policy, grpo_step, make_reward, rollout_stats,
+    sample_groups, score_rollout, train_grpo,
+)
+from course_lib.model import CourseModel  # noqa: E402
+from course_lib.tasks import AdditionProblem, Tokenizer, addition_splits  # noqa: E402
+from course_lib.train import generate_texts, make_optimizer  # noqa: E402
+
+MIXED_LENGTHS = [AdditionProblem(3, 4), AdditionProblem(12, 9), AdditionProblem(347, 85), AdditionProblem(5, 67)]
+
+
+def tiny_model(seed=0, stop_bias=None):
+    """A 1-layer random model; ``stop_bias`` adds a bias to the </answer> logit so completions stop early."""
+    tok = Tokenizer()
+    torch.manual_seed(seed)
+    model = CourseModel(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=64, max_position_embeddings=128))
+    if stop_bias is not None:
+        head = torch.nn.Linear(32, tok.vocab_size, bias=True)
+        head.weight.data.copy_(model.lm_head.weight.data)
+        head.bias.data.zero_()
+        head.bias.data[tok.stop_id] = stop_bias
+        model.lm_head = head
+    return model.eval(), tok
+
+
+def test_sampled_completion_logprobs_equal_a_recomputation_on_the_cache():
+    model, tok = tiny_model()
+    G, T = 3, 1.3
+    ro = sample_groups(model, tok, MIXED_LENGTHS, G, 10, temperature=T, top_p=0.9,
+                       generator=torch.Generator().manual_seed(0))
+    assert ro.tokens.shape[0] == len(MIXED_LENGTHS) * G and ro.problem_of(5) is MIXED_LENGTHS[1]
+    logp = completion_logprobs(model, ro, temperature=T)  # (B, L): one padded forward per prompt length
+    assert logp.shape == ro.tokens.shape
+    with torch.no_grad():
+        for r in range(ro.tokens.shape[0]):
+            # token by token on the KV cache, from this row's own prompt, nothing padded
+            prompt = torch.tensor([ro.prompts[r // G]])
+            assert tok.decode(prompt[0].tolist()) == ro.problem_of(r).prompt
+            cache = model.new_cache()
+            logits = model(prompt, cache)[:, -1]  # (1, V)
+            for t in range(int(ro.lengths[r])):
+                y = ro.tokens[r, t]
+                expected = torch.log_softmax(logits[0] / T, dim=-1)[y]
+                torch.testing.assert_close(logp[r, t], expected, atol=1e-5, rtol=1e-5)
+                logits = model(y.view(1, 1), cache)[:, -1]
+            assert tok.decode(ro.tokens[r, :int(ro.lengths[r])].tolist()) == ro.texts[r]
+
+
+def test_masks_stop_right_after_answer_close_and_truncation_is_tracked():
+    model, tok = tiny_model(stop_bias=3.0)
+    limit = 12
+    ro = sample_groups(model, tok, MIXED_LENGTHS * 4, 4, limit, generator=torch.Generator().manual_seed(1))
+    n_fin = int(ro.finished.sum())
+    assert 0 < n_fin < len(ro.texts)  # both kinds occur
+    for row, m, fin, text in zip(ro.tokens, ro.mask, ro.finished, ro.texts):
+        stops = (row == tok.stop_id).nonzero().flatten().tolist()
+        n = int(m.sum())
+        assert m[:n].all() and not m[n:].any()  # one contiguous run from the start
+        assert (row[n:] == tok.pad_id).all()
+        if fin:
+            assert stops and stops[0] == n - 1 and text.endswith("</answer>") and text.count("</answer>") == 1
+        else:
+            assert n == limit and not stops and not text.endswith("</answer>")
+    rewards, stats = score_rollout(ro, lambda t, p: 0.0)
+    assert stats["truncation_rate"] == pytest.approx(1 - n_fin / len(ro.texts))
+    assert stats["length"] == pytest.approx(float(ro.mask.sum()) / len(ro.texts)) and stats["zero_adv_frac"] == 1.0
+
+
+def test_greedy_evaluation_agrees_with_generate_texts():
+    model, tok = tiny_model(stop_bias=2.0)
+    metrics, ro = evaluate_policy(model, tok, MIXED_LENGTHS, 16)
+    texts, finished = generate_texts(model, tok, [p.prompt for p in MIXED_LENGTHS], 16)
+    assert ro.texts == texts and ro.finished.tolist() == finished
+    assert metrics["truncation_rate"] == pytest.approx(1 - sum(finished) / len(finished))
+
+
+def test_rollout_stats_hand_values_and_reward_weights():
+    rewards = torch.tensor([[1.0, 1.0], [0.0, 1.5]])
+    correct = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    formatted = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    stats = rollout_stats(rewards, correct, formatted, torch.tensor([10, 20, 30, 40]), torch.tensor([1, 1, 0, 1]).bool())
+    assert stats == {"reward": 0.875, "accuracy": 0.75, "format_rate": 0.75, "length": 25.0,
+                     "zero_adv_frac": 0.5, "truncation_rate": 0.25}
+    p = AdditionProblem(2, 3)
+    good, spam = "<think>x</think><answer>5</answer>", "<answer><think></think></answer>"
+    assert make_reward()(good, p) == 1.5 and make_reward()(spam, p) == 0.0
+    assert make_reward(0.0, 1.0)(good.replace("5<", "6<"), p) == 1.0  # format only
+    from course_lib.rewards import partial_format_reward
+
+    assert make_reward(0.0, 1.0, partial_format_reward)(spam, p) == 1.0  # the hackable one
+
+
+def _step_with(model, tok, problems, cfg, reward_fn):
+    optimizer = make_optimizer(model, cfg)
+    return grpo_step(model, optimizer, None, tok, problems, cfg, reward_fn, step=0), optimizer
+
+
+def test_one_step_raises_the_probability_of_the_rewarded_completion():
+    model, tok = tiny_model()
+    before = copy.deepcopy(model)
+    seen = []
+
+    def reward_first(text, problem):  # 1 for the first completion sampled (and its duplicates), 0 otherwise
+        seen.append(text)
+        return float(text == seen[0])
+
+    cfg = GRPOConfig(steps=1, prompts_per_step=1, group_size=8, max_new_tokens=6, lr=1e-2, warmup_steps=0,
+                     track_kl=False)
+    (stats, ro), _ = _step_with(model, tok, [AdditionProblem(12, 9)], cfg, reward_first)
+    rewarded = torch.tensor([t == seen[0] for t in ro.texts])
+    assert 0 < rewarded.sum() < 8 and stats["updated"] == 1.0
+    with torch.no_grad():
+        old = (completion_logprobs(before, ro) * ro.mask).sum(1)  # log π(o_i) per completion, (B,)
+        new = (completion_logprobs(model, ro) * ro.mask).sum(1)
+    assert (new[rewarded] > old[rewarded]).all()
+    assert (new[~rewarded] - old[~rewarded]).mean() < 0
+
+
+def test_mu_sets_the_number_of_updates_per_rollout():
+    problems = MIXED_LENGTHS
+    for mu in (1, 3):
+        model, tok = tiny_model()
+        cfg = GRPOConfig(steps=1, prompts_per_step=4, group_size=4, max_new_tokens=8, mu=mu, lr=1e-2,
+                         warmup_steps=0, track_kl=False)
+        (stats, _), opt = _step_with(model, tok, problems, cfg, lambda t, p: float(len(t) % 2))
+        steps = {int(s["step"]) for s in opt.state.values()}
+        assert steps == {mu} and stats["updated"] == mu
+        if mu > 1:  # later inner steps move away from π_θold: ratios leave 1, the clip can act
+            assert stats["clip_frac"] >= 0.0 and stats["loss"] == stats["loss"]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_and_resumed_grpo_equals_an_uninterrupted_run(tmp_path):
+    problems, _ = addition_splits(32, 8, digits=2, seed=0)
+    cfg = GRPOConfig(steps=4, prompts_per_step=4, group_size=4, max_new_tokens=12, lr=1e-2, warmup_steps=2,
+                     beta=0.04, checkpoint_every=2)
+    def reward(text, problem):  # a random model never solves a problem: reward something it does vary on
+        return text.count("1") / 4 + make_reward()(text, problem)
+
+    def drop_time(history):
+        return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+    straight, tok = tiny_model(stop_bias=1.0)
+    full = train_grpo(straight, tok, problems, cfg, reward_fn=reward, progress=False)
+
+    path = str(tmp_path / "grpo.pt")
+    first, _ = tiny_model(stop_bias=1.0)
+
+    def stop_after_3(step, stats, rollout):
+        if step == 2:
+            raise Interrupt  # the checkpoint from step 2 survives
+
+    with pytest.raises(Interrupt):
+        train_grpo(first, tok, problems, cfg, reward_fn=reward, checkpoint_path=path, callback=stop_after_3,
+                   progress=False)
+    resumed, _ = tiny_model(seed=5, stop_bias=1.0)  # a fresh kernel: other weights, and another reference
+    out = train_grpo(resumed, tok, problems, cfg, reward_fn=reward, checkpoint_path=path, progress=False)
+    assert out.resumed_from == 2 and len(out.history) == 4
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert drop_time(out.history) == drop_time(full.history)
+    assert full.history[0]["kl"] == 0.0 and full.history[-1]["kl"] > 0  # KL to the step-0 policy
+    assert torch.load(path, weights_only=True)["step"] == 4
+
+
+# ---------------------------------------------------------------- each switch, against its hand formula
+
+REWARDS = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5], [1.0, 0.5, 0.0, 0.0]])  # group 1 ties
+LENGTHS = torch.tensor([3, 5, 1, 4, 2, 2, 5, 3, 1, 4, 4, 2])  # ragged completions, (B,) = (12,)
+L_MAX = 8
+
+
+def _switch_grad(cfg, shift=0.0):
+    """Gradient of batch_loss w.r.t. a leaf logp (B, L); ``shift`` sets log ρ = shift on every token."""
+    g = torch.Generator().manual_seed(0)
+    B, L = LENGTHS.numel(), int(LENGTHS.max())
+    mask = torch.arange(L)[None, :] < LENGTHS[:, None]  # (B, L)
+    logp = (-torch.rand(B, L, generator=g) - 0.1).requires_grad_()
+    old = logp.detach() - shift if shift else None
+    loss, stats = batch_loss(logp, mask, REWARDS, cfg, old_logp=old)
+    loss.backward()
+    return logp.grad, mask, loss.item()
+
+
+def _adv(scale):
+    return rearrange(group_advantages(REWARDS, scale=scale), "p g -> (p g)")[:, None]  # (B, 1)
+
+
+def test_default_switches_give_grpo_weights():
+    grad, mask, _ = _switch_grad(GRPOConfig(max_new_tokens=L_MAX))
+    # −A_i / (|o_i| · B) on each real token: [Math] eq 3, std-scaled advantages
+    expected = -_adv(True) / (LENGTHS[:, None] * 12) * mask
+    torch.testing.assert_close(grad, expected)
+
+
+def test_scale_rewards_switch_only_drops_the_std():
+    grad, mask, _ = _switch_grad(GRPOConfig(max_new_tokens=L_MAX, scale_rewards=False))
+    torch.testing.assert_close(grad, -_adv(False) / (LENGTHS[:, None] * 12) * mask)
+
+
+def test_dr_grpo_variant_weights_every_token_by_a_constant():
+    cfg = GRPOConfig(max_new_tokens=L_MAX).variant("dr_grpo")
+    grad, mask, _ = _switch_grad(cfg)
+    torch.testing.assert_close(grad, -_adv(False) / (12 * L_MAX) * mask)  # [DrGRPO] §3: 1/(G·L_max)
+
+
+def test_token_level_switch_weights_every_token_alike():
+    grad, mask, _ = _switch_grad(GRPOConfig(max_new_tokens=L_MAX, aggregation="token"))
+    torch.testing.assert_close(grad, -_adv(True) / LENGTHS.sum() * mask)  # [DAPO] eq 12
+
+
+def test_clip_higher_frees_only_positive_advantage_tokens_in_the_gap():
+    shift = 0.22  # ρ = e^0.22 = 1.246: above 1 + 0.2, below 1 + 0.28
+    ratio = math.exp(shift)
+    base, mask, _ = _switch_grad(GRPOConfig(max_new_tokens=L_MAX), shift)
+    high, _, _ = _switch_grad(GRPOConfig(max_new_tokens=L_MAX).variant("clip_higher"), shift)
+    adv = _adv(True).expand_as(mask)
+    w = 1 / (LENGTHS[:, None] * 12)
+    # A < 0: never clipped on this side, gradient −ρ·A·w in both; A > 0: clipped (0) at ε_high = 0.2 only
+    torch.testing.assert_close(base, torch.where(adv < 0, -ratio * adv * w, torch.zeros_like(adv)) * mask)
+    torch.testing.assert_close(high, -ratio * adv * w * mask)
+    assert torch.equal(base[adv <= 0], high[adv <= 0])
+
+
+def test_zero_variance_filter_removes_tied_groups_from_every_normalizer():
+    for aggregation in ("sequence", "token", "dr_grpo"):
+        cfg = GRPOConfig(max_new_tokens=L_MAX, aggregation=aggregation)
+        base, mask, base_loss = _switch_grad(cfg)
+        filt, _, filt_loss = _switch_grad(cfg.variant("filter_zero_variance"))
+        tied = torch.zeros(12, dtype=torch.bool)
+        tied[4:8] = True
+        assert (base[tied] == 0).all() and (filt[tied] == 0).all()  # tied groups had no signal either way
+        # kept rows: same direction, larger by (what the normalizer counted) / (what is left)
+        factor = {"sequence": 12 / 8, "dr_grpo": 12 / 8,
+                  "token": float(LENGTHS.sum() / LENGTHS[~tied].sum())}[aggregation]
+        torch.testing.assert_close(filt[~tied], base[~tied] * factor)
+        assert filt_loss == pytest.approx(base_loss * factor, abs=1e-7)
+    all_tied = torch.ones(2, 4)
+    loss, stats = batch_loss(torch.zeros(8, 3, requires_grad=True), torch.ones(8, 3, dtype=torch.bool), all_tied,
+                             GRPOConfig(filter_zero_variance=True))
+    assert loss is None and stats == {}
+
+
+def test_variants_change_only_their_own_fields():
+    base = GRPOConfig()
+    for name, changes in VARIANTS.items():
+        diff = {k for k, v in asdict(base.variant(name)).items() if asdict(base)[k] != v}
+        assert diff == set(changes), name
+    assert base.variant("dr_grpo", "clip_higher").eps_high == 0.28
+    with pytest.raises(ValueError, match="unknown variant"):
+        base.variant("ppo")
+    with pytest.raises(ValueError, match="G >= 2"):
+        GRPOConfig(group_size=1)
