@@ -239,3 +239,229 @@ class CacheExplorer:
 
     def table(self) -> str:
         return explore_table(self.result)
+
+
+# ============================================================================= GRPO dashboard and completions viewer
+# Notebooks 06-07: a live view of a GRPO run and a viewer for sampled completions. Thin views over
+# `course_lib.grpo` (which computes every per-step number, `rollout_stats`) and the pure functions
+# below (`smoothed`, `dashboard_rows`, `completion_parts`, `rollout_rows`, `completions_html`), which
+# are what tests/test_widgets.py checks.
+
+GRPO_METRICS = ("reward", "accuracy", "format_rate", "length", "zero_adv_frac", "truncation_rate", "kl", "entropy")
+GRPO_METRIC_TITLES = {"reward": "reward", "accuracy": "accuracy (sampled)", "format_rate": "format rate (strict)",
+                      "length": "completion length (tokens)", "zero_adv_frac": "zero-advantage groups",
+                      "truncation_rate": "truncated", "kl": "KL to reference (k3)", "entropy": "entropy (nats/token)"}
+
+
+def smoothed(values: list[float], window: int) -> list[float]:
+    """Trailing moving average over the last ``window`` finite values (NaN where there are none yet)."""
+    out = []
+    for i in range(len(values)):
+        recent = [v for v in values[max(0, i - window + 1):i + 1] if v == v and abs(v) != float("inf")]
+        out.append(sum(recent) / len(recent) if recent else float("nan"))
+    return out
+
+
+def dashboard_rows(history: list[dict], metrics: tuple[str, ...] = GRPO_METRICS, n: int = 6,
+                   window: int = 1) -> list[tuple]:
+    """About ``n`` evenly spaced rows ``(step, value per metric)`` of a GRPO history (one stats dict per
+    step), first and last included, each value the trailing mean over ``window`` steps."""
+    steps = list(range(len(history)))
+    columns = {m: smoothed([float(h.get(m, float("nan"))) for h in history], window) for m in metrics}
+    return [(s, *(columns[m][s] for m in metrics)) for s, _ in summary_rows(steps, steps, n)]
+
+
+def format_dashboard_rows(rows: list[tuple], metrics: tuple[str, ...] = GRPO_METRICS) -> str:
+    """The static table: one line per row, fixed width, 3 decimals (length with 1)."""
+    head = f"{'step':>5}" + "".join(f"{m[:12]:>13}" for m in metrics)
+    lines = [head]
+    for step, *vals in rows:
+        lines.append(f"{step:>5}" + "".join(f"{v:>13.1f}" if m == "length" else f"{v:>13.3f}"
+                                            for m, v in zip(metrics, vals)))
+    return "\n".join(lines)
+
+
+class TrainingDashboard:
+    """Live small multiples of a GRPO run: reward, accuracy, format rate, length, zero-advantage
+    fraction, truncation, KL and entropy against the step (dots: each step; line: the moving average).
+
+    Pass it as `train_grpo(..., callback=dashboard)` (it takes `(step, stats, rollout)`), or call
+    `update(step, stats)`. Redraws every `every` steps and at most once per `min_interval` seconds;
+    `finish()` draws the last state and prints the static table (for nbval and readers on the web).
+    With `viewer=CompletionsViewer(...)` it also refreshes that viewer with the latest rollout.
+    """
+
+    def __init__(self, metrics: tuple[str, ...] = GRPO_METRICS, title: str = "GRPO", every: int = 5,
+                 min_interval: float = 1.0, window: int = 10, viewer=None, live: bool = True) -> None:
+        from plotly.subplots import make_subplots
+
+        self.metrics, self.every, self.min_interval, self.window, self.viewer = metrics, every, min_interval, window, viewer
+        self.history: list[dict] = []
+        self.draws, self.seconds, self._last_draw = 0, 0.0, 0.0
+        cols = 4 if len(metrics) > 3 else len(metrics)
+        rows = -(-len(metrics) // cols)
+        fig = make_subplots(rows=rows, cols=cols, subplot_titles=[GRPO_METRIC_TITLES.get(m, m) for m in metrics],
+                            horizontal_spacing=0.06, vertical_spacing=0.16)
+        for i, _ in enumerate(metrics):
+            r, c = i // cols + 1, i % cols + 1
+            fig.add_trace(go.Scatter(x=[], y=[], mode="markers", marker=dict(size=3, color="#9ab"), showlegend=False),
+                          row=r, col=c)
+            fig.add_trace(go.Scatter(x=[], y=[], mode="lines", line=dict(color="#1f5fbf"), showlegend=False), row=r, col=c)
+        fig.update_layout(**{**LAYOUT, "height": 260 * rows, "margin": dict(l=40, r=20, t=70, b=30)}, title=title)
+        self.fig = go.FigureWidget(fig) if live else fig
+        if live:
+            _display(self.fig)
+
+    def __call__(self, step: int, stats: dict, rollout=None) -> None:
+        self.update(step, stats, rollout)
+
+    def update(self, step: int, stats: dict, rollout=None) -> None:
+        t0 = time.perf_counter()
+        self.history.append({m: float(stats.get(m, float("nan"))) for m in self.metrics})
+        if step % self.every == 0 and t0 - self._last_draw >= self.min_interval:
+            self.redraw()
+            if self.viewer is not None and rollout is not None:
+                self.viewer.update(rollout)
+            self._last_draw = time.perf_counter()
+        self.seconds += time.perf_counter() - t0
+
+    def redraw(self) -> None:
+        steps = list(range(len(self.history)))
+        with self.fig.batch_update():
+            for i, m in enumerate(self.metrics):
+                raw = [h[m] for h in self.history]
+                dots, line = self.fig.data[2 * i], self.fig.data[2 * i + 1]
+                dots.x, dots.y = steps, raw
+                line.x, line.y = steps, smoothed(raw, self.window)
+        self.draws += 1
+
+    def finish(self, n: int = 6) -> list[tuple]:
+        """Draw the final state and print the static table (moving averages); returns its rows."""
+        self.redraw()
+        rows = dashboard_rows(self.history, self.metrics, n, self.window)
+        print(f"moving averages over {self.window} steps")
+        print(format_dashboard_rows(rows, self.metrics))
+        return rows
+
+
+# ---------------------------------------------------------------------------- completions viewer
+
+PART_STYLES = {"think": "background:#e3ecfa", "answer": "background:#dff3e2;font-weight:bold",
+               "tag": "color:#777", "outside": "background:#fbe0e0"}
+
+
+def completion_parts(text: str) -> list[tuple[str, str]]:
+    """Split a completion into ``(kind, text)`` runs: "tag" (one of the four exact tags), "think",
+    "answer", or "outside" (anything not inside a think or answer block, which breaks the format).
+
+    A plain left-to-right state machine, no validation: malformed completions split too, so the
+    viewer shows exactly where they go wrong. Joining the texts gives back the completion.
+    """
+    from .tasks import ANSWER_CLOSE, ANSWER_OPEN, TAGS, THINK_CLOSE, THINK_OPEN
+
+    state_after = {THINK_OPEN: "think", ANSWER_OPEN: "answer", THINK_CLOSE: "outside", ANSWER_CLOSE: "outside"}
+    parts: list[tuple[str, str]] = []
+    state, i, start = "outside", 0, 0
+    while i < len(text):
+        tag = next((t for t in TAGS if text.startswith(t, i)), None)
+        if tag is None:
+            i += 1
+            continue
+        if i > start:
+            parts.append((state, text[start:i]))
+        parts.append(("tag", tag))
+        state = state_after[tag]
+        i = start = i + len(tag)
+    if start < len(text):
+        parts.append((state, text[start:]))
+    return parts
+
+
+def rollout_rows(rollout, groups: int = 2, per_group: int | None = None, reward_fn=None) -> list[dict]:
+    """Rows for the viewer from a `grpo.Rollout`: the first ``groups`` groups, ``per_group`` completions
+    each (all by default), with accuracy and strict format from the verifiers and, if given, the reward."""
+    from .rewards import format_reward
+    from .tasks import score_answer
+
+    rows = []
+    G = rollout.group_size
+    for p in range(min(groups, len(rollout.problems))):
+        for g in range(G if per_group is None else min(per_group, G)):
+            r = p * G + g
+            text, problem = rollout.texts[r], rollout.problems[p]
+            row = {"prompt": problem.prompt, "completion": text, "correct": score_answer(problem, text) == 1.0,
+                   "format": format_reward(text) == 1.0, "finished": bool(rollout.finished[r])}
+            if reward_fn is not None:
+                row["reward"] = float(reward_fn(text, problem))
+            rows.append(row)
+    return rows
+
+
+def completions_html(rows: list[dict], title: str = "") -> str:
+    """An HTML table of completions with the think part, the answer and text outside the tags
+    coloured (``PART_STYLES``). Every piece of model text is HTML-escaped."""
+    import html
+
+    cols = ["prompt", "completion"] + [c for c in ("reward", "correct", "format", "finished") if rows and c in rows[0]]
+    out = [f"<div><b>{html.escape(title)}</b></div>" if title else "",
+           "<table style='font-family:monospace;font-size:12px;border-collapse:collapse'>",
+           "<tr>" + "".join(f"<th style='text-align:left;padding:2px 8px'>{c}</th>" for c in cols) + "</tr>"]
+    for row in rows:
+        spans = "".join(f"<span style='{PART_STYLES[kind]}'>{html.escape(text)}</span>"
+                        for kind, text in completion_parts(row["completion"]))
+        cells = [html.escape(row["prompt"]), spans]
+        for c in cols[2:]:
+            v = row[c]
+            cells.append(f"{v:.2f}" if isinstance(v, float) else ("yes" if v else "<b style='color:#b00'>no</b>"))
+        out.append("<tr>" + "".join(f"<td style='text-align:left;padding:2px 8px;white-space:pre'>{c}</td>"
+                                    for c in cells) + "</tr>")
+    legend = " ".join(f"<span style='{style}'>&nbsp;{kind}&nbsp;</span>" for kind, style in PART_STYLES.items())
+    out.append(f"</table><div style='font-size:11px'>{legend}</div>")
+    return "".join(out)
+
+
+def completions_text(rows: list[dict]) -> str:
+    """The plain-text twin of `completions_html` (terminals, nbval)."""
+    lines = []
+    for row in rows:
+        marks = " ".join(f"{c}={row[c]:.2f}" if isinstance(row[c], float) else f"{c}={'yes' if row[c] else 'no'}"
+                         for c in ("reward", "correct", "format", "finished") if c in row)
+        lines.append(f"{row['prompt']:<12} {row['completion']}   [{marks}]")
+    return "\n".join(lines)
+
+
+class CompletionsViewer:
+    """Completions with their think and answer parts highlighted, as an HTML table.
+
+    `show(rows)` displays a static table (it stays readable on the web); `update(rollout)` refreshes
+    a live ipywidgets.HTML in place, which is how `TrainingDashboard(viewer=...)` shows the latest
+    samples while training. Rows come from `rollout_rows` or are dicts with prompt and completion.
+    """
+
+    def __init__(self, groups: int = 2, per_group: int | None = 4, reward_fn=None, live: bool = True,
+                 title: str = "latest samples") -> None:
+        self.groups, self.per_group, self.reward_fn, self.title = groups, per_group, reward_fn, title
+        self.rows: list[dict] = []
+        self.widget = None
+        if live:
+            import ipywidgets as W
+
+            self.widget = W.HTML()
+            _display(self.widget)
+
+    def update(self, rollout) -> None:
+        self.rows = rollout_rows(rollout, self.groups, self.per_group, self.reward_fn)
+        if self.widget is not None:
+            self.widget.value = completions_html(self.rows, self.title)
+
+    @staticmethod
+    def show(rows: list[dict], title: str = "") -> str:
+        """Display rows as a static HTML table; returns the HTML."""
+        page = completions_html(rows, title)
+        try:
+            from IPython.display import HTML
+        except ImportError:
+            print(completions_text(rows))
+            return page
+        _display(HTML(page))
+        return page

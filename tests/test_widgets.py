@@ -87,3 +87,83 @@ def test_line_chart_draws_one_trace_per_series():
     fig = widgets.line_chart([1, 2, 4], {"a": [1.0, 2.0, 3.0], "b": [3.0, 2.0, 1.0]}, "t", log_x=True)
     assert [t.name for t in fig.data] == ["a", "b"] and list(fig.data[1].y) == [3.0, 2.0, 1.0]
     assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type != "log"
+
+
+# ---------------------------------------------------------------- GRPO dashboard and completions viewer
+
+import math  # noqa: E402
+
+import torch  # noqa: E402
+
+
+def test_smoothed_is_a_trailing_mean_that_skips_nan():
+    out = widgets.smoothed([1.0, 3.0, float("nan"), 5.0, 7.0], window=2)
+    assert out == [1.0, 2.0, 3.0, 5.0, 6.0]
+    assert math.isnan(widgets.smoothed([float("nan")], 3)[0]) and widgets.smoothed([], 3) == []
+
+
+def test_dashboard_rows_and_table():
+    history = [{"reward": float(s), "kl": 0.5 * s} for s in range(10)]
+    rows = widgets.dashboard_rows(history, ("reward", "kl"), n=4, window=2)
+    assert [r[0] for r in rows] == [0, 3, 6, 9]
+    assert rows[-1] == (9, 8.5, 4.25) and rows[0] == (0, 0.0, 0.0)
+    lines = widgets.format_dashboard_rows(rows, ("reward", "kl")).splitlines()
+    assert lines[0].split() == ["step", "reward", "kl"] and lines[-1].split() == ["9", "8.500", "4.250"]
+    missing = widgets.dashboard_rows([{"reward": 1.0}], ("reward", "kl"))
+    assert missing[0][1] == 1.0 and math.isnan(missing[0][2])
+
+
+def test_training_dashboard_redraws_at_a_bounded_rate_and_prints_the_table(capsys):
+    dash = widgets.TrainingDashboard(every=5, min_interval=0.0, window=1, live=False)
+    assert len(dash.fig.data) == 2 * len(widgets.GRPO_METRICS)
+    for step in range(20):
+        dash(step, {m: step / 10 for m in widgets.GRPO_METRICS})  # the train_grpo callback signature
+    assert dash.draws == 4  # steps 0, 5, 10, 15
+    rows = dash.finish(n=3)
+    assert list(dash.fig.data[1].y) == [s / 10 for s in range(20)] and rows[-1][0] == 19
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split()[0] == "step" and out[-1].split()[:2] == ["19", "1.900"]
+
+
+@pytest.mark.parametrize("text, kinds", [
+    ("<think>1+2</think><answer>3</answer>", ["tag", "think", "tag", "tag", "answer", "tag"]),
+    ("<think></think><answer>3</answer>", ["tag", "tag", "tag", "answer", "tag"]),
+    ("hi <answer>3</answer> bye", ["outside", "tag", "answer", "tag", "outside"]),
+    ("<think>a<answer>b</think>c", ["tag", "think", "tag", "answer", "tag", "outside"]),  # misnested: shown as read
+    ("</answer></answer>", ["tag", "tag"]),
+    ("no tags at all", ["outside"]),
+    ("", []),
+])
+def test_completion_parts_split_and_rejoin(text, kinds):
+    parts = widgets.completion_parts(text)
+    assert [k for k, _ in parts] == kinds
+    assert "".join(t for _, t in parts) == text
+
+
+def test_completions_html_escapes_and_colours():
+    rows = [{"prompt": "1+2=", "completion": "<think><script>x</script></think><answer>3</answer>",
+             "correct": True, "format": False, "reward": 0.5}]
+    page = widgets.completions_html(rows, title="t")
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert widgets.PART_STYLES["think"] in page and widgets.PART_STYLES["answer"] in page
+    assert "&lt;think&gt;" in page and "0.50" in page and "color:#b00'>no" in page
+    text = widgets.completions_text(rows)
+    assert text.startswith("1+2=") and "reward=0.50 correct=yes format=no" in text
+
+
+def test_rollout_rows_mark_correct_and_well_formed():
+    from course_lib.grpo import Rollout
+    from course_lib.tasks import AdditionProblem
+
+    problems = [AdditionProblem(1, 2), AdditionProblem(3, 4)]
+    texts = ["<think>x</think><answer>3</answer>", "<answer>3</answer>", "7", "<think></think><answer>7</answer>"]
+    ro = Rollout(problems, [[1], [1]], torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1, dtype=torch.bool),
+                 torch.tensor([True, True, False, True]), texts, group_size=2)
+    rows = widgets.rollout_rows(ro, groups=2, reward_fn=lambda t, p: float(len(t)))
+    assert [(r["correct"], r["format"], r["finished"]) for r in rows] == [
+        (True, True, True), (True, False, True), (False, False, False), (True, True, True)]
+    assert rows[2]["prompt"] == "3+4=" and rows[0]["reward"] == float(len(texts[0]))
+    assert len(widgets.rollout_rows(ro, groups=1, per_group=1)) == 1
+    viewer = widgets.CompletionsViewer(groups=1, per_group=2, live=False)
+    viewer.update(ro)
+    assert [r["completion"] for r in viewer.rows] == texts[:2]
