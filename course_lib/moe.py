@@ -18,6 +18,7 @@ to add an auxiliary loss or to call `update_bias` after the optimizer step.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -397,3 +398,150 @@ def load_entropy(load: torch.Tensor, normalized: bool = False) -> float:
 def dropped_fraction(dropped: torch.Tensor) -> float:
     """Fraction of token-slots dropped (from `capacity_drop`)."""
     return dropped.float().mean().item()
+
+
+# ----------------------------------------------------------------------------- training with balancing
+# The pieces a training loop needs to run each balancing method of notebook 05 on a whole model:
+# `balancing_loss_fn` (train_lm's `loss_fn`: LM loss + an auxiliary loss summed over MoE layers),
+# `apply_capacity` (token dropping during training), and `LoadTracker` (train_lm's `callback`: records
+# every layer's load each step and, with gamma > 0, applies the aux-loss-free bias update).
+
+BALANCING = ("none", "switch", "expert", "sequence", "aux_free", "capacity")
+AUX_LOSSES = ("switch", "expert", "sequence")
+
+
+def moe_layers(model: nn.Module) -> list[DeepSeekMoE]:
+    """The DeepSeekMoE layers of `model` in forward order (empty for a dense model)."""
+    return [m for m in model.modules() if isinstance(m, DeepSeekMoE)]
+
+
+def router_probs(moe: DeepSeekMoE) -> torch.Tensor:
+    """The last forward's affinities as a distribution per token (B, T, E): softmax scores as they are,
+    sigmoid scores divided by their sum ([V3] eq 19), so every loss below sees probabilities."""
+    scores = moe.last_scores  # (B, T, E)
+    return scores if moe.gate.scoring_func == "softmax" else scores / scores.sum(-1, keepdim=True)
+
+
+def aux_loss(moe: DeepSeekMoE, method: str, alpha: float) -> torch.Tensor:
+    """One layer's auxiliary balance loss on its last forward: "switch", "expert" (V2) or "sequence" (V3).
+
+    All three are α·Σ_i f_i P_i, scaled so a perfectly balanced router gives α; they differ in what f counts
+    (Switch: first choices over the batch; V2: all K choices per sequence; V3: per sequence, on normalized
+    sigmoid scores). f counts the experts actually routed to (`last_topk_idx`, after group limits and bias).
+    """
+    if method == "switch":
+        return switch_aux_loss(router_probs(moe), alpha)
+    if method == "expert":
+        return expert_balance_loss(router_probs(moe), moe.last_topk_idx, alpha)
+    if method == "sequence":
+        return sequence_balance_loss(moe.last_scores, moe.gate.top_k, alpha, topk_idx=moe.last_topk_idx)
+    raise ValueError(f"method={method!r} has no auxiliary loss. Use one of {AUX_LOSSES}.")
+
+
+def balancing_loss_fn(method: str, alpha: float = 0.01, base: Callable | None = None) -> Callable:
+    """A `loss_fn(model, batch, mask)` for `train_lm`: `base` (default: next-token loss) plus, for the
+    methods in AUX_LOSSES, α times that balance loss summed over the model's MoE layers."""
+    if method not in BALANCING:
+        raise ValueError(f"method={method!r} is not known. Use one of {BALANCING}.")
+    if base is None:
+        from .train import lm_loss as base
+
+    def loss_fn(model: nn.Module, batch: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        loss = base(model, batch, mask)
+        if method in AUX_LOSSES:
+            loss = loss + sum(aux_loss(m, method, alpha) for m in moe_layers(model))
+        return loss
+
+    return loss_fn
+
+
+class CapacityLimit:
+    """A forward hook on a router that drops the token-slots over capacity (`capacity_drop`) while training.
+
+    Dropped slots get weight 0, so they add nothing to the output and pass no gradient (the dispatch
+    still computes them: a real capacity-factor kernel would skip them). Nothing is dropped in eval mode,
+    as DeepSeek-V2 does ([V2] §3.1.2). `last_dropped` (N, K) holds the last training forward's drops.
+    """
+
+    def __init__(self, gate: TopkRouter, capacity_factor: float, by: str = "score") -> None:
+        self.capacity_factor, self.by = capacity_factor, by
+        self.num_experts = gate.weight.shape[0]
+        self.last_dropped: torch.Tensor | None = None
+        self.handle = gate.register_forward_hook(self)
+
+    def __call__(self, gate: nn.Module, inputs, output):
+        if not gate.training:
+            return output
+        topk_idx, topk_weight, scores = output  # (N, K), (N, K), (N, E)
+        dropped = capacity_drop(topk_idx, topk_weight, self.num_experts, self.capacity_factor, self.by)  # (N, K)
+        self.last_dropped = dropped
+        return topk_idx, topk_weight.masked_fill(dropped, 0.0), scores
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def apply_capacity(model: nn.Module, capacity_factor: float = 1.0, by: str = "score") -> list[CapacityLimit]:
+    """Install a `CapacityLimit` on every MoE layer's router; `.remove()` each to undo."""
+    return [CapacityLimit(m.gate, capacity_factor, by) for m in moe_layers(model)]
+
+
+def layer_loads(model_or_layers) -> torch.Tensor:
+    """The last forward's token-slots per expert for every MoE layer, stacked: (L, E) int64."""
+    layers = moe_layers(model_or_layers) if isinstance(model_or_layers, nn.Module) else model_or_layers
+    return torch.stack([m.last_load for m in layers])  # (L, E)
+
+
+def mean_max_violation(loads: torch.Tensor) -> float:
+    """MaxVio of each layer's load (L, E), averaged over layers (a single (E,) load is one layer)."""
+    loads = loads.reshape(-1, loads.shape[-1])  # (L, E)
+    return sum(max_violation(row) for row in loads) / loads.shape[0]
+
+
+class LoadTracker:
+    """`train_lm`'s per-step callback for MoE models: record each layer's load, then balance the bias.
+
+    After every optimizer step it stacks the layers' `last_load` (the whole batch's routing), stores the
+    (L, E) load and its MaxVio (mean over layers), normalized load entropy and, with `capacity` hooks, the
+    fraction of dropped slots; with gamma > 0 it then applies the aux-loss-free update
+    b_i += γ·sign(mean load − load_i) to every layer ([V3] §2.1.2, "at the end of each step").
+    `on_load(step, loads)` (e.g. an ExpertLoadMonitor's update) and `then(step, loss)` run after that.
+    """
+
+    def __init__(self, model: nn.Module, gamma: float = 0.0, capacity: list[CapacityLimit] | None = None,
+                 on_load: Callable | None = None, then: Callable | None = None) -> None:
+        self.layers = moe_layers(model)
+        if not self.layers:
+            raise ValueError("the model has no DeepSeekMoE layer: build it with ffn='moe'.")
+        self.gamma, self.capacity, self.on_load, self.then = gamma, capacity or [], on_load, then
+        self.steps: list[int] = []
+        self.loads: list[torch.Tensor] = []  # (L, E) per step
+        self.max_vio: list[float] = []
+        self.entropy: list[float] = []
+        self.dropped: list[float] = []
+        self.losses: list[float] = []
+
+    def __call__(self, step: int, loss: float | None = None) -> None:
+        loads = layer_loads(self.layers)  # (L, E)
+        self.steps.append(step)
+        self.loads.append(loads)
+        self.max_vio.append(mean_max_violation(loads))
+        self.entropy.append(sum(load_entropy(row, normalized=True) for row in loads) / len(loads))
+        if self.capacity:
+            self.dropped.append(sum(dropped_fraction(c.last_dropped) for c in self.capacity) / len(self.capacity))
+        if loss is not None:
+            self.losses.append(float(loss))
+        if self.gamma > 0:
+            for m, load in zip(self.layers, loads):
+                update_bias(m, load, self.gamma)
+        if self.on_load is not None:
+            self.on_load(step, loads)
+        if self.then is not None:
+            self.then(step, loss)
+
+    def final(self, last: int = 10) -> dict:
+        """Means over the last `last` steps: MaxVio, normalized entropy, dropped fraction, loss."""
+        def tail(xs):
+            return sum(xs[-last:]) / len(xs[-last:]) if xs else float("nan")
+        return {"max_vio": tail(self.max_vio), "entropy": tail(self.entropy), "dropped": tail(self.dropped),
+                "loss": tail(self.losses)}

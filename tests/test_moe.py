@@ -381,3 +381,121 @@ def test_bad_moe_config_raises(bad):
     dense = ModelConfig(hidden_size=32, num_attention_heads=4, **{**fields, **bad})
     with pytest.raises(ValueError):
         DeepSeekMoE(dense)
+
+
+# ---------------------------------------------------------------- training with balancing (notebook 05's helpers)
+
+from course_lib.moe import (BALANCING, CapacityLimit, LoadTracker, TopkRouter, apply_capacity,  # noqa: E402
+                            aux_loss, balancing_loss_fn, dispatch_expert_loop, layer_loads, mean_max_violation,
+                            moe_layers, router_probs)
+from course_lib.train import TrainConfig, lm_loss, train_lm  # noqa: E402
+
+
+def tiny_moe_model(**kw) -> CourseModel:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=32, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, ffn="moe",
+                      n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=16,
+                      n_group=2, topk_group=1, first_k_dense_replace=1, max_position_embeddings=64, **kw)
+    return CourseModel(cfg)
+
+
+def test_moe_layers_in_forward_order():
+    model = tiny_moe_model()
+    assert moe_layers(model) == [model.layers[1].mlp, model.layers[2].mlp]
+    assert moe_layers(CourseModel(ModelConfig(vocab_size=32, hidden_size=32, num_attention_heads=4))) == []
+    with pytest.raises(ValueError):
+        LoadTracker(CourseModel(ModelConfig(vocab_size=32, hidden_size=32, num_attention_heads=4)))
+
+
+def test_router_probs_are_distributions():
+    sig = DeepSeekMoE(moe_config())
+    sig(torch.randn(2, 5, 32))
+    torch.testing.assert_close(router_probs(sig).sum(-1), torch.ones(2, 5))
+    torch.testing.assert_close(router_probs(sig), sig.last_scores / sig.last_scores.sum(-1, keepdim=True))
+    soft = DeepSeekMoE(moe_config(scoring_func="softmax"))
+    soft(torch.randn(2, 5, 32))
+    assert router_probs(soft) is soft.last_scores
+
+
+def test_aux_losses_are_the_library_formulas_on_the_last_forward():
+    moe = DeepSeekMoE(moe_config())
+    moe(torch.randn(3, 7, 32))
+    probs = moe.last_scores / moe.last_scores.sum(-1, keepdim=True)
+    torch.testing.assert_close(aux_loss(moe, "switch", 0.01), switch_aux_loss(probs, 0.01))
+    torch.testing.assert_close(aux_loss(moe, "expert", 0.01), expert_balance_loss(probs, moe.last_topk_idx, 0.01))
+    torch.testing.assert_close(aux_loss(moe, "sequence", 0.01),
+                               sequence_balance_loss(moe.last_scores, 4, 0.01, topk_idx=moe.last_topk_idx))
+    # On a sigmoid router, V2's expert-level loss on normalized scores is V3's sequence-wise loss.
+    torch.testing.assert_close(aux_loss(moe, "expert", 0.01), aux_loss(moe, "sequence", 0.01))
+    with pytest.raises(ValueError):
+        aux_loss(moe, "aux_free", 0.01)
+
+
+def test_balancing_loss_fn_adds_the_aux_loss_of_every_moe_layer():
+    model = tiny_moe_model()
+    ids = torch.randint(0, 32, (4, 12))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    for method in ("none", "aux_free", "capacity"):
+        torch.testing.assert_close(balancing_loss_fn(method)(model, ids, mask), lm_loss(model, ids, mask))
+    total = balancing_loss_fn("switch", alpha=0.5)(model, ids, mask)
+    expected = lm_loss(model, ids, mask) + sum(aux_loss(m, "switch", 0.5) for m in moe_layers(model))
+    torch.testing.assert_close(total, expected)
+    assert set(BALANCING) >= {"none", "switch", "expert", "sequence", "aux_free", "capacity"}
+    with pytest.raises(ValueError):
+        balancing_loss_fn("bogus")
+
+
+def test_capacity_limit_zeroes_dropped_weights_in_training_only():
+    moe = DeepSeekMoE(moe_config(n_group=1, topk_group=1))
+    moe.dispatch = "expert_loop"
+    x = torch.randn(2, 16, 32) + 2 * torch.randn(32)  # a shared offset skews the routing
+    moe.eval()
+    reference = moe(x)
+    limit = CapacityLimit(moe.gate, capacity_factor=0.5)
+    torch.testing.assert_close(moe(x), reference)  # eval: nothing dropped
+    moe.train()
+    y = moe(x)
+    dropped = limit.last_dropped
+    assert dropped.any() and dropped_fraction(dropped) >= 0.5  # C = ceil(0.5 · 128 / 16) = 4 slots per expert
+    flat = x.reshape(-1, 32)
+    topk_idx, topk_weight, _ = TopkRouter.forward(moe.gate, flat)  # the router without its hook
+    routed = dispatch_expert_loop(moe.experts, flat, topk_idx, topk_weight.masked_fill(dropped, 0.0))
+    torch.testing.assert_close(y, (routed + moe.shared_experts(flat)).reshape(x.shape))
+    assert torch.equal(moe.last_load, expert_load(topk_idx, 16))  # the load is what the router asked for
+    limit.remove()
+    torch.testing.assert_close(moe(x), reference)
+
+
+def test_load_tracker_records_loads_and_applies_the_bias_update():
+    model = tiny_moe_model()
+    seen = []
+    tracker = LoadTracker(model, gamma=0.01, on_load=lambda step, loads: seen.append(step))
+    ids = torch.randint(0, 32, (4, 12))
+    model(ids)
+    loads = layer_loads(model)  # (L, E)
+    assert loads.shape == (2, 8) and loads.sum(-1).tolist() == [4 * 12 * 2] * 2
+    tracker(0, 1.5)
+    assert torch.equal(tracker.loads[0], loads) and tracker.losses == [1.5] and seen == [0]
+    assert tracker.max_vio[0] == pytest.approx(mean_max_violation(loads))
+    for m, load in zip(moe_layers(model), loads):
+        expected = 0.01 * torch.sign(load.float().mean() - load.float())
+        torch.testing.assert_close(m.gate.e_score_correction_bias, expected)
+    assert tracker.final(last=1)["max_vio"] == tracker.max_vio[0]
+
+
+def test_mean_max_violation_hand_case():
+    loads = torch.tensor([[6, 2, 2, 2], [3, 3, 3, 3]])  # MaxVio 1.0 and 0.0
+    assert mean_max_violation(loads) == pytest.approx(0.5)
+    assert mean_max_violation(torch.tensor([6, 2, 2, 2])) == pytest.approx(1.0)
+
+
+def test_train_lm_with_tracker_balances_and_capacity_reports_drops():
+    ids = torch.randint(3, 32, (64, 12))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    cfg = TrainConfig(steps=6, batch_size=8, warmup_steps=1)
+    model = tiny_moe_model()
+    tracker = LoadTracker(model, gamma=1e-3, capacity=apply_capacity(model, 1.0))
+    train_lm(model, ids, mask, cfg, progress=False, loss_fn=balancing_loss_fn("sequence", 1e-4), callback=tracker)
+    assert tracker.steps == list(range(6)) and len(tracker.dropped) == 6 and len(tracker.losses) == 6
+    assert all(0.0 <= d < 1.0 for d in tracker.dropped)
+    assert all(m.gate.e_score_correction_bias.abs().sum() > 0 for m in moe_layers(model))
