@@ -167,3 +167,64 @@ def test_rollout_rows_mark_correct_and_well_formed():
     viewer = widgets.CompletionsViewer(groups=1, per_group=2, live=False)
     viewer.update(ro)
     assert [r["completion"] for r in viewer.rows] == texts[:2]
+
+
+# ---------------------------------------------------------------- expert-load monitor (MoE track)
+
+import torch  # noqa: E402
+
+def test_load_ratios_hand_cases():
+    assert widgets.load_ratios(torch.tensor([6, 2, 2, 2])) == [[2.0, 2 / 3, 2 / 3, 2 / 3]]
+    assert widgets.load_ratios(torch.tensor([[3, 3], [4, 0]])) == [[1.0, 1.0], [2.0, 0.0]]
+    assert widgets.load_ratios([0, 0]) == [[0.0, 0.0]]  # no tokens at all: nothing to divide by
+
+
+def test_keep_columns_bounds_the_heatmap_and_keeps_the_ends():
+    assert widgets.keep_columns(5, 10) == [0, 1, 2, 3, 4]
+    cols = widgets.keep_columns(1000, 50)
+    assert cols[0] == 0 and cols[-1] == 999 and len(cols) == 50 and cols == sorted(set(cols))
+
+
+def test_load_heatmap_data_rows_are_layer_expert_pairs():
+    steps = [0, 1, 2]
+    ratios = [widgets.load_ratios(torch.tensor([[1, 3], [2, 2]])),
+              widgets.load_ratios(torch.tensor([[2, 2], [0, 4]])),
+              widgets.load_ratios(torch.tensor([[4, 0], [2, 2]]))]
+    x, y, z = widgets.load_heatmap_data(steps, ratios, max_columns=2)
+    assert x == [0, 2] and y == ["L0 E0", "L0 E1", "L1 E0", "L1 E1"]
+    assert z == [[0.5, 2.0], [1.5, 0.0], [1.0, 1.0], [1.0, 1.0]]
+    assert widgets.load_heatmap_data([0], [[[1.0, 1.0]]])[1] == ["E0", "E1"]  # one layer: no layer prefix
+    assert widgets.load_heatmap_data([], []) == ([], [], [])
+
+
+def test_load_summary_reports_max_violation_busiest_and_unused():
+    ratios = [widgets.load_ratios(torch.tensor([[6, 2, 2, 2], [3, 3, 3, 3]])),  # MaxVio 1.0 and 0.0
+              widgets.load_ratios(torch.tensor([[12, 0, 0, 0], [3, 3, 3, 3]]))]  # 3.0 and 0.0
+    rows = widgets.load_summary([10, 20], ratios)
+    assert rows[0] == (10, pytest.approx(0.5), "L0 E0", pytest.approx(2.0), 0)
+    assert rows[1] == (20, pytest.approx(1.5), "L0 E0", pytest.approx(4.0), 3)
+
+
+def test_expert_load_monitor_redraws_at_a_bounded_rate_and_updates_the_figure(capsys):
+    monitor = widgets.ExpertLoadMonitor(every=5, min_interval=0.0, live=False)
+    monitor.update(0, torch.tensor([[4, 4, 4, 4]]))
+    heat, bar = monitor.fig.data
+    assert list(heat.z[0]) == [1.0] and list(bar.x) == [1.0, 1.0, 1.0, 1.0]
+    for step in range(1, 20):
+        monitor.update(step, torch.tensor([[16, 0, 0, 0]]))
+    assert monitor.draws == 4  # steps 0, 5, 10, 15
+    monitor.finish()
+    heat, bar = monitor.fig.data
+    assert len(heat.x) == 20 and list(heat.y) == ["E0", "E1", "E2", "E3"] and heat.z[0][-1] == 4.0
+    assert list(bar.x) == [4.0, 0.0, 0.0, 0.0] and monitor.seconds > 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["step", "MaxVio", "busiest", "load/mean", "unused"]
+    assert out[1].split() == ["0", "0.00", "E0", "1.00", "0"] and out[-2].split()[:2] == ["19", "3.00"]
+    assert out[-1] == "final load / mean: 4.0 0.0 0.0 0.0"
+
+
+def test_expert_load_monitor_is_slowed_by_min_interval():
+    monitor = widgets.ExpertLoadMonitor(every=1, min_interval=3600.0, live=False)
+    for step in range(50):
+        monitor.update(step, torch.tensor([[1, 2, 3]]))
+    assert monitor.draws == 1 and len(monitor.steps) == 50  # every step recorded, drawn once
