@@ -204,6 +204,27 @@ class Rollout:
     def problem_of(self, row: int):
         return self.problems[row // self.group_size]
 
+    def select_groups(self, groups: list[int]) -> "Rollout":
+        """The rollout restricted to some groups (problem indices), in the order given."""
+        G = self.group_size
+        rows = [p * G + g for p in groups for g in range(G)]
+        idx = torch.tensor(rows, dtype=torch.long, device=self.tokens.device)
+        return Rollout([self.problems[p] for p in groups], [self.prompts[p] for p in groups], self.tokens[idx],
+                       self.mask[idx], self.finished[idx], [self.texts[r] for r in rows], G)
+
+
+def concat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:
+    """One rollout from several with the same group size (completions right-padded to the longest)."""
+    L = max(r.tokens.shape[1] for r in rollouts)
+
+    def pad(x: torch.Tensor, value) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, L - x.shape[1]), value=value)  # (b, L)
+
+    return Rollout([p for r in rollouts for p in r.problems], [q for r in rollouts for q in r.prompts],
+                   torch.cat([pad(r.tokens, pad_id) for r in rollouts]), torch.cat([pad(r.mask, False) for r in rollouts]),
+                   torch.cat([r.finished for r in rollouts]), [t for r in rollouts for t in r.texts],
+                   rollouts[0].group_size)
+
 
 def _by_prompt_length(prompts: list[list[int]], group_size: int, device) -> list[tuple[list[int], torch.Tensor]]:
     """Rows of equal prompt length, with their prompts repeated G times: [(rows, prompt (b, Tp))].
@@ -351,6 +372,7 @@ VARIANTS = {
     "clip_higher": dict(eps_high=0.28),                           # [DAPO] §3.1: ε_low 0.2, ε_high 0.28
     "token_level": dict(aggregation="token"),                     # [DAPO] §3.3 eq 12: every token weighs the same
     "filter_zero_variance": dict(filter_zero_variance=True),      # [DAPO] §3.2: drop groups that all tie
+    "dynamic_sampling": dict(filter_zero_variance=True, sampling_rounds=4),  # [DAPO] §3.2: and refill the batch
 }
 
 
@@ -372,13 +394,16 @@ class GRPOConfig:
     eps_high: float | None = None     # None = eps_low (symmetric); 0.28 = DAPO's clip-higher
     scale_rewards: bool = True        # divide by the group std; False = Dr. GRPO
     aggregation: str = "sequence"     # "sequence" (GRPO), "token" (DAPO), "dr_grpo"
-    filter_zero_variance: bool = False  # drop tied groups from the loss
+    filter_zero_variance: bool = False  # drop tied groups from the loss (and from the training forward)
+    sampling_rounds: int = 1          # with the filter: sample up to this many batches of P prompts until
+                                      # P groups with a reward spread are found ([DAPO] §3.2 dynamic sampling)
+    same_length_prompts: bool = True  # one prompt length per step: one batch on the cache, no padding
     track_kl: bool = True             # measure KL to the reference even when beta = 0 (one extra forward)
     checkpoint_every: int = 20
     seed: int = 0                     # seeds prompt choice and sampling, per step (exact resume)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "prompts_per_step", "max_new_tokens", "mu", "checkpoint_every"):
+        for name in ("steps", "prompts_per_step", "max_new_tokens", "mu", "checkpoint_every", "sampling_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1.")
         if self.group_size < 2:
@@ -440,20 +465,63 @@ class GRPOResult:
         return [h[key] for h in self.history]
 
 
-def grpo_step(model, optimizer, ref_model, tok, problems: list, cfg: GRPOConfig,
-              reward_fn: Callable[[str, object], float], step: int) -> tuple[dict[str, float], Rollout]:
-    """One round: sample P·G completions, score them, take ``cfg.mu`` gradient steps. Returns stats, rollout.
+def choose_problems(prompt_lengths: list[int], n: int, rng: random.Random, same_length: bool = True) -> list[int]:
+    """Indices of ``n`` distinct problems. With ``same_length``, all from one prompt length (drawn with
+    probability proportional to how many problems have it), so the whole group batch is one batch on
+    the KV cache: the course's attention has no padding mask, and mixed lengths mean one batch per length.
+    Falls back to any lengths when no length has ``n`` problems."""
+    if same_length:
+        by_len: dict[int, list[int]] = {}
+        for i, length in enumerate(prompt_lengths):
+            by_len.setdefault(length, []).append(i)
+        big = [idx for idx in by_len.values() if len(idx) >= n]
+        if big:
+            return rng.sample(rng.choices(big, weights=[len(b) for b in big])[0], n)
+    return rng.sample(range(len(prompt_lengths)), n)
 
+
+def grpo_step(model, optimizer, ref_model, tok, problems: list, cfg: GRPOConfig,
+              reward_fn: Callable[[str, object], float], step: int,
+              prompt_lengths: list[int] | None = None) -> tuple[dict[str, float], Rollout]:
+    """One round: sample P·G completions, score them, take ``cfg.mu`` gradient steps. Returns stats and
+    the rollout trained on.
+
+    With ``filter_zero_variance`` only groups whose rewards differ are trained on (and forwarded);
+    with ``sampling_rounds`` > 1, more batches of P prompts are sampled until P such groups are found
+    (DAPO's dynamic sampling). The rollout stats (reward, accuracy, ..., ``zero_adv_frac``) cover
+    everything sampled; entropy and KL cover the rows trained on, measured before the update.
     Prompts and samples are drawn from generators seeded with (seed, step), so a resumed run draws
-    exactly what an uninterrupted one would.
+    exactly what an uninterrupted one would. ``prompt_lengths`` (token counts of the problems'
+    prompts) can be passed to save re-encoding the pool at every step.
     """
     device = next(model.parameters()).device
     t0 = time.perf_counter()
-    chosen = random.Random(cfg.seed * 1_000_003 + step).sample(range(len(problems)), cfg.prompts_per_step)
+    P = cfg.prompts_per_step
+    if prompt_lengths is None:
+        prompt_lengths = [len(tok.encode(p.prompt, bos=True)) for p in problems]
+    rng = random.Random(cfg.seed * 1_000_003 + step)
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
-    rollout = sample_groups(model, tok, [problems[i] for i in chosen], cfg.group_size, cfg.max_new_tokens,
-                            temperature=cfg.temperature, top_p=cfg.top_p, generator=gen)
-    rewards, stats = score_rollout(rollout, reward_fn)
+    sampled, kept, kept_rewards = [], [], []
+    for _ in range(cfg.sampling_rounds if cfg.filter_zero_variance else 1):
+        chosen = choose_problems(prompt_lengths, P, rng, cfg.same_length_prompts)
+        rollout = sample_groups(model, tok, [problems[i] for i in chosen], cfg.group_size, cfg.max_new_tokens,
+                                temperature=cfg.temperature, top_p=cfg.top_p, generator=gen)
+        rewards, _ = score_rollout(rollout, reward_fn)
+        sampled.append(rollout)
+        spread = zero_variance_mask(rewards) if cfg.filter_zero_variance else torch.ones(P, dtype=torch.bool)
+        groups = spread.nonzero().flatten().tolist()[:P - sum(len(k.problems) for k in kept)]
+        kept.append(rollout.select_groups(groups))
+        kept_rewards.append(rewards[groups])
+        if sum(len(k.problems) for k in kept) == P:
+            break
+    _, stats = score_rollout(concat_rollouts(sampled, tok.pad_id), reward_fn)
+    rollout, rewards = concat_rollouts(kept, tok.pad_id), torch.cat(kept_rewards).to(device)  # (P', G)
+    stats.update(kl=float("nan"), entropy=float("nan"), loss=float("nan"), clip_frac=float("nan"),
+                 lr=cfg.lr_at(step), updated=0.0, sampling_rounds=float(len(sampled)),
+                 groups_trained=float(len(rollout.problems)))
+    if not rollout.problems:  # every group tied and filtering is on: nothing to learn from
+        stats["seconds"] = time.perf_counter() - t0
+        return stats, rollout
     ref_logp = old_logp = None
     with torch.no_grad():
         if ref_model is not None:
@@ -463,19 +531,15 @@ def grpo_step(model, optimizer, ref_model, tok, problems: list, cfg: GRPOConfig,
     for group in optimizer.param_groups:
         group["lr"] = cfg.lr_at(step)
     model.train()
-    stats.update(kl=float("nan"), entropy=float("nan"), loss=float("nan"), clip_frac=float("nan"),
-                 lr=cfg.lr_at(step), updated=0.0)
     for inner in range(cfg.mu):
         logp, entropy = completion_logprobs(model, rollout, cfg.temperature, with_entropy=True)
-        if inner == 0:  # measured on the whole rollout, before this step's updates
+        if inner == 0:  # before this step's updates
             m = rollout.mask
             stats["entropy"] = float((entropy * m).sum() / m.sum())
             if ref_logp is not None:
                 stats["kl"] = float((kl_k3(logp.detach(), ref_logp) * m).sum() / m.sum())
-        loss, loss_stats = batch_loss(logp, rollout.mask, rewards.to(device), cfg, old_logp=old_logp,
+        loss, loss_stats = batch_loss(logp, rollout.mask, rewards, cfg, old_logp=old_logp,
                                       ref_logp=ref_logp if cfg.beta else None)
-        if loss is None:  # every group tied and filtering is on: nothing to learn from
-            break
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -512,10 +576,11 @@ def train_grpo(model, tok, problems: list, cfg: GRPOConfig, *, reward_fn: Callab
         result.history = list(ckpt["extra"]["history"])
         if ref_model is not None:
             ref_model.load_state_dict(ckpt["extra"]["ref_model"])
+    lengths = [len(tok.encode(p.prompt, bos=True)) for p in problems]
     t0 = time.perf_counter()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="grpo")
     for step in bar:
-        stats, rollout = grpo_step(model, optimizer, ref_model, tok, problems, cfg, reward_fn, step)
+        stats, rollout = grpo_step(model, optimizer, ref_model, tok, problems, cfg, reward_fn, step, lengths)
         result.history.append(stats)
         result.last_rollout = rollout
         bar.set_postfix(reward=f"{stats['reward']:.2f}", acc=f"{stats['accuracy']:.2f}", fmt=f"{stats['format_rate']:.2f}")

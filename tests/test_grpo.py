@@ -566,3 +566,46 @@ def test_variants_change_only_their_own_fields():
         base.variant("ppo")
     with pytest.raises(ValueError, match="G >= 2"):
         GRPOConfig(group_size=1)
+
+
+def test_choose_problems_takes_one_prompt_length_per_step():
+    import random as pyrandom
+
+    from course_lib.grpo import choose_problems
+
+    lengths = [5] * 10 + [6] * 30 + [7] * 3
+    picks = [choose_problems(lengths, 4, pyrandom.Random(s)) for s in range(200)]
+    assert all(len(set(p)) == 4 and len({lengths[i] for i in p}) == 1 for p in picks)
+    assert {lengths[p[0]] for p in picks} == {5, 6}  # 7 has too few problems for a batch of 4
+    assert 0.6 < sum(lengths[p[0]] == 6 for p in picks) / 200 < 0.9  # in proportion to the pool (30 vs 10)
+    mixed = choose_problems(lengths, 4, pyrandom.Random(0), same_length=False)
+    assert len(set(mixed)) == 4
+    assert len(choose_problems([1, 2, 3, 4], 3, pyrandom.Random(0))) == 3  # no length has 3: any lengths
+
+
+def test_dynamic_sampling_trains_only_on_groups_with_a_reward_spread():
+    problems, _ = addition_splits(64, 8, digits=2, seed=0)
+
+    def reward(text, problem):  # varies within some groups, ties in others
+        return float(problem.a % 2 == 0 and any(c.isdigit() for c in text))
+
+    for rounds in (1, 4):
+        model, tok = tiny_model(stop_bias=1.0)
+        cfg = GRPOConfig(steps=1, prompts_per_step=4, group_size=4, max_new_tokens=8, lr=1e-2, warmup_steps=0,
+                         track_kl=False, filter_zero_variance=True, sampling_rounds=rounds, same_length_prompts=False)
+        (stats, ro), _ = _step_with(model, tok, problems, cfg, reward)
+        rewards = torch.tensor([reward(t, ro.problem_of(r)) for r, t in enumerate(ro.texts)]).view(-1, 4)
+        assert zero_variance_mask(rewards).all() and stats["groups_trained"] == len(ro.problems) <= 4
+        assert stats["zero_adv_frac"] > 0 and 1 <= stats["sampling_rounds"] <= rounds
+        if rounds == 4:  # refilled: more rounds sampled until the batch is full
+            assert stats["sampling_rounds"] > 1 and len(ro.problems) == 4
+    # the rollout helpers keep rows and group order
+    ro2 = sample_groups(model, tok, MIXED_LENGTHS, 2, 6, generator=torch.Generator().manual_seed(0))
+    sub = ro2.select_groups([2, 0])
+    assert sub.problems == [MIXED_LENGTHS[2], MIXED_LENGTHS[0]] and sub.texts == ro2.texts[4:6] + ro2.texts[0:2]
+    from course_lib.grpo import concat_rollouts
+
+    both = concat_rollouts([sub, ro2.select_groups([1])], tok.pad_id)
+    assert both.tokens.shape[0] == 6 and both.texts[4:] == ro2.texts[2:4]
+    torch.testing.assert_close(completion_logprobs(model, both)[4:] * both.mask[4:],
+                               (completion_logprobs(model, ro2) * ro2.mask)[2:4, :both.tokens.shape[1]])
