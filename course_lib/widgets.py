@@ -272,12 +272,13 @@ def dashboard_rows(history: list[dict], metrics: tuple[str, ...] = GRPO_METRICS,
 
 
 def format_dashboard_rows(rows: list[tuple], metrics: tuple[str, ...] = GRPO_METRICS) -> str:
-    """The static table: one line per row, fixed width, 3 decimals (length with 1)."""
-    head = f"{'step':>5}" + "".join(f"{m[:12]:>13}" for m in metrics)
-    lines = [head]
+    """The static table: one line per row, a column per metric wide enough for its name, 3 decimals
+    (length with 1)."""
+    widths = [max(len(m), 8) + 2 for m in metrics]
+    lines = [f"{'step':>5}" + "".join(f"{m:>{w}}" for m, w in zip(metrics, widths))]
     for step, *vals in rows:
-        lines.append(f"{step:>5}" + "".join(f"{v:>13.1f}" if m == "length" else f"{v:>13.3f}"
-                                            for m, v in zip(metrics, vals)))
+        lines.append(f"{step:>5}" + "".join(f"{v:>{w}.1f}" if m == "length" else f"{v:>{w}.3f}"
+                                            for m, v, w in zip(metrics, vals, widths)))
     return "\n".join(lines)
 
 
