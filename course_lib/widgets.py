@@ -220,7 +220,10 @@ class CacheExplorer:
             bars = self.fig.data[0]
             bars.x, bars.y = [row["label"] for row in rows], [row["kib_per_token"] for row in rows]
             bars.text = [f"{row['kib_per_token']:,.1f}" for row in rows]
-            bars.marker = dict(color=[KIND_COLORS[k] for k in kinds], opacity=[1.0 if row["selected"] else 0.35 for row in rows])
+            # set marker fields one by one: replacing the whole marker object before the widget is on
+            # screen makes plotly.js fail to draw it in JupyterLab (seen in the browser test)
+            bars.marker.color = [KIND_COLORS[k] for k in kinds]
+            bars.marker.opacity = [1.0 if row["selected"] else 0.35 for row in rows]
             for trace, kind in zip(self.fig.data[1:1 + len(kinds)], kinds):
                 trace.x, trace.y = r["context_lengths"], r["curves"][kind]
                 trace.line.width = 4 if kind == sel["attention"] else 1.5
