@@ -1,0 +1,18 @@
+"""Repository-wide pytest hooks: report each notebook's run time under nbval (for the README's table)."""
+
+from collections import defaultdict
+
+_notebook_seconds: dict[str, float] = defaultdict(float)
+
+
+def pytest_runtest_logreport(report):
+    path = report.nodeid.split("::")[0]
+    if path.endswith(".ipynb"):
+        _notebook_seconds[path] += report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _notebook_seconds:
+        terminalreporter.write_sep("-", "notebook run times (setup + cells + teardown)")
+        for path, seconds in sorted(_notebook_seconds.items()):
+            terminalreporter.write_line(f"{seconds:7.1f} s  {path}")
