@@ -440,7 +440,11 @@ def aux_loss(moe: DeepSeekMoE, method: str, alpha: float) -> torch.Tensor:
 
 def balancing_loss_fn(method: str, alpha: float = 0.01, base: Callable | None = None) -> Callable:
     """A `loss_fn(model, batch, mask)` for `train_lm`: `base` (default: next-token loss) plus, for the
-    methods in AUX_LOSSES, α times that balance loss summed over the model's MoE layers."""
+    methods in AUX_LOSSES, α times that balance loss summed over the model's MoE layers.
+
+    The returned function keeps each call's `base` loss in `loss_fn.lm_losses`, so methods can be compared
+    on the language-model loss alone (train_lm's own record includes the auxiliary term).
+    """
     if method not in BALANCING:
         raise ValueError(f"method={method!r} is not known. Use one of {BALANCING}.")
     if base is None:
@@ -448,10 +452,12 @@ def balancing_loss_fn(method: str, alpha: float = 0.01, base: Callable | None = 
 
     def loss_fn(model: nn.Module, batch: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         loss = base(model, batch, mask)
+        loss_fn.lm_losses.append(loss.item())
         if method in AUX_LOSSES:
             loss = loss + sum(aux_loss(m, method, alpha) for m in moe_layers(model))
         return loss
 
+    loss_fn.lm_losses = []
     return loss_fn
 
 

@@ -437,9 +437,11 @@ def test_balancing_loss_fn_adds_the_aux_loss_of_every_moe_layer():
     mask = torch.ones_like(ids, dtype=torch.bool)
     for method in ("none", "aux_free", "capacity"):
         torch.testing.assert_close(balancing_loss_fn(method)(model, ids, mask), lm_loss(model, ids, mask))
-    total = balancing_loss_fn("switch", alpha=0.5)(model, ids, mask)
+    fn = balancing_loss_fn("switch", alpha=0.5)
+    total = fn(model, ids, mask)
     expected = lm_loss(model, ids, mask) + sum(aux_loss(m, "switch", 0.5) for m in moe_layers(model))
     torch.testing.assert_close(total, expected)
+    assert fn.lm_losses == [pytest.approx(lm_loss(model, ids, mask).item())]  # the LM part alone
     assert set(BALANCING) >= {"none", "switch", "expert", "sequence", "aux_free", "capacity"}
     with pytest.raises(ValueError):
         balancing_loss_fn("bogus")
