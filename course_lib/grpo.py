@@ -379,12 +379,12 @@ VARIANTS = {
 @dataclass(frozen=True)
 class GRPOConfig:
     steps: int = 100                  # rollout + update rounds
-    prompts_per_step: int = 32        # P problems per rollout
+    prompts_per_step: int = 16        # P problems per rollout
     group_size: int = 8               # G completions per problem ([Math] §4.2 uses 64, DAPO 16)
     max_new_tokens: int = 48          # length limit; also Dr. GRPO's constant normalizer L_max
     temperature: float = 1.0          # sampling temperature (R1-Zero reproductions use 1.0)
     top_p: float = 1.0
-    lr: float = 3e-4                  # small models forgive more than [Math]'s 1e-6, but 1e-3 collapses ours
+    lr: float = 1e-4                  # far above [Math]'s 1e-6 (a tiny model); 2e-4+ made ours worse
     warmup_steps: int = 10            # linear warm-up, then constant ([DAPO] §4.1 warms up 20 steps)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -593,3 +593,43 @@ def train_grpo(model, tok, problems: list, cfg: GRPOConfig, *, reward_fn: Callab
     result.seconds = time.perf_counter() - t0
     model.eval()
     return result
+
+
+# ----------------------------------------------------------------------------- seed sweep (a script)
+
+def seed_sweep(seeds, steps: int | None = None, profile: str | None = None, progress: bool = False) -> list[dict]:
+    """Notebook 07's recipe for each seed: pretrain the baseline (``train.pretrain_on_task``), measure,
+    run GRPO with ``GRPOConfig()`` defaults, measure again. Returns one row of numbers per seed."""
+    from .profiles import get_profile
+    from .tasks import draw_problems, sample_addition
+    from .train import pretrain_on_task
+
+    prof = get_profile(profile)
+    steps = steps or {"cpu": 60, "gpu": 200}[prof.name]
+    rows = []
+    for seed in seeds:
+        model, _, tok, _, eval_problems = pretrain_on_task(prof.baseline_config(), prof, seed=seed, progress=progress)
+        before, _ = evaluate_policy(model, tok, eval_problems, 64)
+        pool = draw_problems(lambda rng: sample_addition(rng, prof.digits), 4000, seed=seed + 1, split="any",
+                             exclude=eval_problems)
+        cfg = GRPOConfig(steps=steps, seed=seed, warmup_steps=min(10, steps))
+        result = train_grpo(model, tok, pool, cfg, progress=progress)
+        after, _ = evaluate_policy(model, tok, eval_problems, 64)
+        rows.append({"seed": seed, "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
+                     "format_before": before["format_rate"], "format_after": after["format_rate"],
+                     "grpo_seconds": result.seconds})
+    return rows
+
+
+if __name__ == "__main__":  # python -m course_lib.grpo --seeds 3
+    import argparse
+
+    parser = argparse.ArgumentParser(description="GRPO on the course baseline, one run per seed.")
+    parser.add_argument("--seeds", type=int, default=3, help="how many seeds (0, 1, ...)")
+    parser.add_argument("--steps", type=int, default=None, help="GRPO steps (default: the profile's)")
+    parser.add_argument("--profile", default=None, help="cpu or gpu (default: $COURSE_PROFILE, else by device)")
+    args = parser.parse_args()
+    print(f"{'seed':>4} {'acc before':>10} {'acc after':>10} {'format before':>14} {'format after':>13} {'GRPO s':>7}")
+    for row in seed_sweep(range(args.seeds), args.steps, args.profile, progress=True):
+        print(f"{row['seed']:>4} {row['accuracy_before']:>10.1%} {row['accuracy_after']:>10.1%} "
+              f"{row['format_before']:>14.1%} {row['format_after']:>13.1%} {row['grpo_seconds']:>7.0f}", flush=True)

@@ -609,3 +609,22 @@ def test_dynamic_sampling_trains_only_on_groups_with_a_reward_spread():
     assert both.tokens.shape[0] == 6 and both.texts[4:] == ro2.texts[2:4]
     torch.testing.assert_close(completion_logprobs(model, both)[4:] * both.mask[4:],
                                (completion_logprobs(model, ro2) * ro2.mask)[2:4, :both.tokens.shape[1]])
+
+
+@pytest.mark.slow
+def test_seed_sweep_runs_the_recipe(monkeypatch):
+    # the script's plumbing on a tiny stand-in for the profile's model (the real sweep takes minutes)
+    import course_lib.train as train
+
+    real = train.pretrain_on_task
+
+    def tiny_pretrain(config, profile, **kw):
+        small = config.replace(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+        return real(small, profile, steps=20, **kw)
+
+    monkeypatch.setattr(train, "pretrain_on_task", tiny_pretrain)
+    from course_lib.grpo import seed_sweep
+
+    rows = seed_sweep([0, 1], steps=1, profile="cpu")
+    assert [r["seed"] for r in rows] == [0, 1]
+    assert all(0.0 <= r[k] <= 1.0 for r in rows for k in ("accuracy_before", "accuracy_after", "format_after"))
