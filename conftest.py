@@ -16,3 +16,11 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("-", "notebook run times (setup + cells + teardown)")
         for path, seconds in sorted(_notebook_seconds.items()):
             terminalreporter.write_line(f"{seconds:7.1f} s  {path}")
+
+
+def pytest_collection_modifyitems(items):
+    # nbval waits only 5 s for a cell's outputs after the kernel says the cell is done; a busy 2-core
+    # machine (CI beside other jobs) can take longer to flush a training cell's progress bar and plot.
+    for item in items:
+        if hasattr(item, "output_timeout"):
+            item.output_timeout = 120
