@@ -534,10 +534,12 @@ class ExpertLoadMonitor:
     Use as `LoadTracker(model, on_load=monitor.update)`, or call `update(step, loads)` with (L, E) counts.
     `finish()` draws the last state and prints the static table (for nbval and readers on the web).
     `seconds` is the time spent inside `update`, so a notebook can show what the monitor costs.
+    Colours run from blue (starved) through white (the fair share, 1) to red (overloaded, saturating at
+    `zmax` times the mean, so that white sits at the middle of the scale only when zmax = 2).
     """
 
     def __init__(self, title: str = "expert load (1 = balanced)", every: int = 10, min_interval: float = 0.5,
-                 max_columns: int = 150, zmax: float = 3.0, live: bool = True) -> None:
+                 max_columns: int = 150, zmax: float = 2.0, live: bool = True) -> None:
         from plotly.subplots import make_subplots
 
         self.every, self.min_interval, self.max_columns = every, min_interval, max_columns
@@ -546,11 +548,14 @@ class ExpertLoadMonitor:
         self.draws, self.seconds, self._last_draw = 0, 0.0, 0.0
         fig = make_subplots(rows=1, cols=2, column_widths=[0.72, 0.28], horizontal_spacing=0.12, shared_yaxes=True,
                             subplot_titles=("load per expert over steps", "current load"))
-        fig.add_trace(go.Heatmap(x=[], y=[], z=[], zmin=0, zmax=zmax, colorscale="RdBu_r", zmid=1.0,
+        white = 1.0 / zmax  # where the fair share (load / mean = 1) falls on the 0..zmax scale
+        scale = [[0.0, "#2166ac"], [white / 2, "#92c5de"], [white, "#f7f7f7"],
+                 [(1 + white) / 2, "#f4a582"], [1.0, "#b2182b"]]
+        fig.add_trace(go.Heatmap(x=[], y=[], z=[], zmin=0, zmax=zmax, colorscale=scale,
                                  colorbar=dict(title="load / mean", x=0.645, thickness=12)), row=1, col=1)
         fig.add_trace(go.Bar(x=[], y=[], orientation="h", marker_color="#636efa", showlegend=False), row=1, col=2)
         fig.add_vline(x=1.0, line_dash="dot", row=1, col=2)
-        fig.update_layout(**{**LAYOUT, "height": 380}, title=title)
+        fig.update_layout(**{**LAYOUT, "height": 380, "margin": dict(l=50, r=20, t=80, b=40)}, title=title)
         fig.update_xaxes(title_text="step", row=1, col=1)
         fig.update_xaxes(title_text="load / mean", row=1, col=2)
         self.fig = go.FigureWidget(fig) if live else fig
@@ -587,3 +592,8 @@ class ExpertLoadMonitor:
                 print(f"final load / mean{f' (layer {layer})' if len(self.ratios[-1]) > 1 else ''}: "
                       + " ".join(f"{v:.1f}" for v in r))
         return rows
+
+    def snapshot(self) -> go.Figure:
+        """A static copy of the figure as last drawn: `.show()` it after `finish()` so a notebook read on the
+        web (no kernel, no widget state) still shows the heatmap."""
+        return go.Figure(self.fig)
