@@ -73,9 +73,13 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def save_checkpoint(path: str, model, optimizer, step: int, losses: list[float], extra: dict | None = None) -> None:
-    """Write atomically (temp file, then rename) so a kill mid-write never leaves a broken checkpoint."""
+    """Write atomically (temp file, then rename) so a kill mid-write never leaves a broken checkpoint.
+
+    The temp file is per process: two kernels training the same deterministic recipe into the same
+    checkpoint (two notebooks run side by side) each write whole files, and the last rename wins.
+    """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                 "losses": list(losses), "extra": extra or {}}, tmp)
     os.replace(tmp, path)
@@ -129,10 +133,10 @@ def train_lm(model, tokens: torch.Tensor, mask: torch.Tensor, cfg: TrainConfig, 
         result.tokens += batch.numel()
         if (step + 1) % 10 == 0 or step + 1 == cfg.steps:
             bar.set_postfix(loss=f"{result.losses[-1]:.3f}")
+        if callback is not None:  # before the checkpoint: what a callback changes (a router bias) is saved too
+            callback(step, result.losses[-1])
         if checkpoint_path and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
             save_checkpoint(checkpoint_path, model, optimizer, step + 1, result.losses, {"train_config": asdict(cfg)})
-        if callback is not None:
-            callback(step, result.losses[-1])
     result.seconds = time.perf_counter() - t0
     model.eval()
     return result

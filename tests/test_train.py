@@ -109,3 +109,39 @@ def test_evaluate_accuracy_scores_a_perfect_and_a_broken_model():
     assert evaluate_accuracy(Oracle(), tok, ev, max_new_tokens=40, use_cache=False) == 1.0
     untrained, _, _ = setup()
     assert evaluate_accuracy(untrained, tok, ev, max_new_tokens=10) == 0.0
+
+
+def test_resume_is_exact_when_the_callback_moves_the_router_bias(tmp_path):
+    # LoadTracker changes the aux-loss-free bias after each step; the checkpoint must hold that change,
+    # else a run resumed from a checkpoint routes differently from an uninterrupted one.
+    from course_lib.moe import LoadTracker, moe_layers
+
+    def moe_setup(seed=0):
+        model, tokens, mask = setup(seed)
+        cfg = model.config.replace(ffn="moe", num_hidden_layers=2, n_routed_experts=4, num_experts_per_tok=2,
+                                   moe_intermediate_size=16, first_k_dense_replace=1)
+        torch.manual_seed(seed)
+        return CourseModel(cfg), tokens, mask
+
+    cfg = TrainConfig(steps=8, batch_size=8, checkpoint_every=4, warmup_steps=2)
+    ref, tokens, mask = moe_setup()
+    train_lm(ref, tokens, mask, cfg, callback=LoadTracker(ref, gamma=0.05), progress=False)
+    path = str(tmp_path / "moe.pt")
+    first, _, _ = moe_setup()
+    tracker = LoadTracker(first, gamma=0.05)
+
+    def stop_after_4(step, loss):
+        tracker(step, loss)
+        if step == 4:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_lm(first, tokens, mask, cfg, checkpoint_path=path, callback=stop_after_4, progress=False)
+    resumed, _, _ = moe_setup(seed=7)
+    train_lm(resumed, tokens, mask, cfg, checkpoint_path=path, callback=LoadTracker(resumed, gamma=0.05), progress=False)
+    bias = [m.gate.e_score_correction_bias for m in moe_layers(ref)]
+    assert any(b.abs().sum() > 0 for b in bias), "the tracker never moved the bias: the test checks nothing"
+    for a, b in zip(bias, (m.gate.e_score_correction_bias for m in moe_layers(resumed))):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    for (name, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
