@@ -51,7 +51,8 @@ class LivePlot:
     """A live line plot of one or more series against the training step.
 
     `update(step, **values)` records every point and redraws the FigureWidget at a bounded rate;
-    `finish()` draws the last points and prints a summary table (the static fallback).
+    `finish()` draws the last points and prints a summary table (the static fallback). `seconds` is the
+    time spent inside `update`, so a notebook can show what the live plot costs its training loop.
     """
 
     def __init__(self, names: tuple[str, ...] = ("loss",), title: str = "training", every: int = 10,
@@ -60,7 +61,7 @@ class LivePlot:
         self.steps: list[int] = []
         self.values: dict[str, list[float]] = {n: [] for n in names}
         self._last_draw = 0.0
-        self.draws = 0
+        self.draws, self.seconds = 0, 0.0
         fig = go.Figure([go.Scatter(x=[], y=[], mode="lines", name=n) for n in names])
         fig.update_layout(title=title, xaxis_title="step", **LAYOUT)
         if log_y:
@@ -70,13 +71,14 @@ class LivePlot:
             _display(self.fig)
 
     def update(self, step: int, **values: float) -> None:
+        t0 = time.perf_counter()
         self.steps.append(step)
         for n in self.names:
             self.values[n].append(float(values[n]))
-        now = time.perf_counter()
-        if step % self.every == 0 and now - self._last_draw >= self.min_interval:
+        if step % self.every == 0 and t0 - self._last_draw >= self.min_interval:
             self.redraw()
-            self._last_draw = now
+            self._last_draw = t0
+        self.seconds += time.perf_counter() - t0
 
     def redraw(self) -> None:
         with self.fig.batch_update():
