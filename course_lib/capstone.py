@@ -1,0 +1,217 @@
+"""nano-DeepSeek: the course's three ideas in one model, and the report card of notebook 08.
+
+`nano_deepseek_config(profile)` turns the profile's dense MHA baseline into a DeepSeek-style model by
+config alone: Multi-head Latent Attention in every layer ([V2] §2.1.2-2.1.3), and in every layer but the
+first a DeepSeekMoE FFN ([MoE] §3) with fine-grained routed experts, a shared expert, V3's sigmoid gate with
+group-limited routing and auxiliary-loss-free balancing ([V3] §2.1.2); the first layer stays dense, as
+`first_k_dense_replace` keeps it in DeepSeek-V2/V3. The MoE's active FFN width equals the baseline's dense
+width, so the two models spend about the same compute per token.
+
+Both models follow one recipe, here and in the seed sweep (`python -m course_lib.capstone --seeds 2`):
+the same worked examples and pretraining steps (`train.pretrain_on_task`'s data), then the GRPO protocol
+of notebook 07 (`grpo_recipe`). The measurements of the report card live here too, so the notebook and
+the script measure alike.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .config import ModelConfig
+from .model import CourseModel
+from .moe import LoadTracker, balancing_loss_fn, max_violation, moe_layers
+
+PRESETS = ("nano-deepseek-cpu", "nano-deepseek-gpu")  # one per profile: nano_deepseek_config(get_profile(name))
+
+# V3's balancing ([V3] §2.1.2): the bias update speed γ, and the tiny sequence-wise loss weight α
+# (V3 uses γ = 0.001 over 14.8T tokens and α = 1e-4; a few hundred steps need a faster γ, notebook 05).
+BIAS_GAMMA = 0.01
+SEQUENCE_ALPHA = 1e-4
+
+
+def nano_deepseek_config(profile, **changes) -> ModelConfig:
+    """The profile's nano-DeepSeek: MLA everywhere, DeepSeekMoE after the first layer.
+
+    Sizes follow the baseline (`profile.baseline_config()`), so the two differ only where DeepSeek differs:
+    - MLA with twice the baseline's heads, per-head widths half the baseline head width, a latent as wide
+      as one baseline head and a decoupled RoPE key half as wide: 3/(4 n_h) of what MHA caches per token
+      (3/16 with the cpu profile's 4 heads; a latent of half that width learned visibly worse);
+    - 16 routed experts a quarter of the dense FFN wide, top-3 in 2 of 4 groups, plus 1 shared expert of
+      the same width: 4 experts of width d_ff/4 are active, the dense FFN's width d_ff.
+    """
+    base = profile.baseline_config()
+    half = base.resolved_head_dim // 2
+    cfg = base.replace(
+        attention="mla", num_attention_heads=2 * base.num_attention_heads, qk_nope_head_dim=half,
+        v_head_dim=half, qk_rope_head_dim=half, kv_lora_rank=base.resolved_head_dim,
+        ffn="moe", n_routed_experts=16, num_experts_per_tok=3, n_shared_experts=1,
+        moe_intermediate_size=base.intermediate_size // 4, n_group=4, topk_group=2, scoring_func="sigmoid",
+        norm_topk_prob=True, first_k_dense_replace=1)
+    return cfg.replace(**changes) if changes else cfg
+
+
+def prepare(model: CourseModel) -> CourseModel:
+    """Route MoE tokens expert by expert: the fastest dispatch for training on a CPU (notebook 04)."""
+    for m in moe_layers(model):
+        m.dispatch = "expert_loop"
+    return model
+
+
+def train_nano_deepseek(profile, *, seed: int = 0, name: str | None = None, on_load=None, then=None,
+                        progress: bool = True, device=None, config: ModelConfig | None = None):
+    """Pretrain nano-DeepSeek on the baseline's data for the baseline's steps, balancing with V3's bias
+    update and sequence-wise loss. Checkpoints under `name` (resumes exactly, bias included).
+    Returns (model, TrainResult, LoadTracker, tokenizer, train_problems, eval_problems)."""
+    from .profiles import checkpoint_path
+    from .tasks import Tokenizer, addition_splits, encode_examples
+    from .train import TrainConfig, train_lm
+
+    tok = Tokenizer()
+    train_problems, eval_problems = addition_splits(profile.n_train, profile.n_eval, digits=profile.digits, seed=0)
+    tokens, mask = encode_examples(train_problems, tok)
+    torch.manual_seed(seed)
+    model = prepare(CourseModel(config or nano_deepseek_config(profile)))
+    if device is not None:
+        model = model.to(device)
+    tracker = LoadTracker(model, gamma=BIAS_GAMMA, on_load=on_load, then=then)
+    cfg = TrainConfig(steps=profile.pretrain_steps, batch_size=profile.batch_size, lr=profile.lr, seed=seed,
+                      warmup_steps=min(TrainConfig.warmup_steps, profile.pretrain_steps))  # = pretrain_on_task's
+    result = train_lm(model, tokens, mask, cfg, checkpoint_path=checkpoint_path(name) if name else None,
+                      callback=tracker, progress=progress, loss_fn=balancing_loss_fn("sequence", SEQUENCE_ALPHA))
+    return model, result, tracker, tok, train_problems, eval_problems
+
+
+def grpo_recipe(profile, eval_problems: list, seed: int = 0):
+    """Notebook 07's GRPO protocol: (config, training questions disjoint from `eval_problems`, reward)."""
+    from .grpo import GRPOConfig, make_reward
+    from .tasks import draw_problems, sample_addition
+
+    steps = {"cpu": 60, "gpu": 200}[profile.name]
+    pool = draw_problems(lambda rng: sample_addition(rng, profile.digits), 4000, seed=seed + 1, split="any",
+                         exclude=eval_problems)
+    cfg = GRPOConfig(steps=steps, prompts_per_step=16, group_size=8, max_new_tokens=48, lr=1e-4,
+                     warmup_steps=min(10, steps), seed=seed)
+    return cfg, pool, make_reward(accuracy_weight=1.0, format_weight=0.5)
+
+
+# ----------------------------------------------------------------------------- measurements
+
+@torch.no_grad()
+def kv_bytes_per_token(model: CourseModel, prompt: torch.Tensor) -> float:
+    """Bytes the live cache holds per token after prefilling `prompt` (B, T), per sequence."""
+    cache = model.new_cache()
+    model.eval()
+    model(prompt, cache)
+    return cache.nbytes / (cache.seq_len * prompt.shape[0])
+
+
+@torch.no_grad()
+def routed_load(model: CourseModel, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token-slots per routed expert for every MoE layer (L, E) on `tokens` (N, T), counting only the
+    positions where `mask` (N, T) is True (the examples' own tokens, not padding)."""
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError("the model has no MoE layer: routed_load needs a model built with ffn='moe'.")
+    model.eval()
+    model(tokens)
+    keep = mask.reshape(-1)  # (N*T,)
+    loads = []
+    for m in layers:
+        idx = m.last_topk_idx.reshape(-1, m.last_topk_idx.shape[-1])[keep]  # (kept, K)
+        loads.append(torch.bincount(idx.reshape(-1), minlength=len(m.experts)))
+    return torch.stack(loads)  # (L, E)
+
+
+def held_out_max_violation(model: CourseModel, tokens: torch.Tensor, mask: torch.Tensor) -> float:
+    """MaxVio ([V3] §4.5.2: max load / mean load − 1) of each MoE layer on held-out text, averaged."""
+    loads = routed_load(model, tokens, mask)
+    return sum(max_violation(row) for row in loads) / len(loads)
+
+
+@dataclass
+class Throughput:
+    tokens_per_s: float
+    seconds: float
+
+
+def training_step_fn(model: CourseModel, tokens: torch.Tensor, mask: torch.Tensor, batch_size: int, lr: float,
+                     loss_fn=None):
+    """A function that runs one optimizer step on a private copy of `model` (the original is untouched)."""
+    from .train import TrainConfig, lm_loss, make_optimizer
+
+    twin = copy.deepcopy(model).train()
+    opt = make_optimizer(twin, TrainConfig(steps=1, batch_size=batch_size, lr=lr, warmup_steps=0))
+    loss_fn = loss_fn or lm_loss
+    g = torch.Generator().manual_seed(0)
+    device = next(twin.parameters()).device
+
+    def step() -> None:
+        idx = torch.randint(0, tokens.shape[0], (batch_size,), generator=g)
+        loss = loss_fn(twin, tokens[idx].to(device), mask[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def decode_fn(model: CourseModel, context: int, new_tokens: int, batch: int = 1, vocab_floor: int = 4):
+    """A function that greedily decodes `new_tokens` after a `context`-token prompt of fixed random
+    tokens, on the KV cache, never stopping early: what decode speed at that context length measures."""
+    from .train import generate
+
+    if context + new_tokens > model.config.max_position_embeddings:
+        raise ValueError(f"context {context} + {new_tokens} new tokens exceeds max_position_embeddings="
+                         f"{model.config.max_position_embeddings}: use a shorter context.")
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(vocab_floor, model.config.vocab_size, (batch, context), generator=g).to(device)
+    return lambda: generate(model, prompt, new_tokens, use_cache=True)
+
+
+def elapsed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- seed sweep (a script)
+
+def seed_sweep(seeds, profile: str | None = None, progress: bool = False) -> list[dict]:
+    """For each seed, both models through the whole recipe: pretrain, measure, GRPO, measure.
+    Returns one row per seed and model with held-out accuracy and format rate before and after GRPO."""
+    from .grpo import evaluate_policy, train_grpo
+    from .profiles import get_profile
+    from .train import pretrain_on_task
+
+    prof = get_profile(profile)
+    rows = []
+    for seed in seeds:
+        base, _, tok, _, eval_problems = pretrain_on_task(prof.baseline_config(), prof, seed=seed, progress=progress)
+        nano, _, tracker, _, _, _ = train_nano_deepseek(prof, seed=seed, progress=progress)
+        for name, model in (("baseline", base), ("nano_deepseek", nano)):
+            before, _ = evaluate_policy(model, tok, eval_problems, 64)
+            cfg, pool, reward = grpo_recipe(prof, eval_problems, seed)
+            result = train_grpo(model, tok, pool, cfg, reward_fn=reward, progress=progress)
+            after, _ = evaluate_policy(model, tok, eval_problems, 64)
+            rows.append({"seed": seed, "model": name, "accuracy_before": before["accuracy"],
+                         "accuracy_after": after["accuracy"], "format_after": after["format_rate"],
+                         "grpo_seconds": result.seconds})
+    return rows
+
+
+if __name__ == "__main__":  # python -m course_lib.capstone --seeds 2
+    import argparse
+
+    parser = argparse.ArgumentParser(description="nano-DeepSeek vs the dense baseline, whole recipe, one run per seed.")
+    parser.add_argument("--seeds", type=int, default=2, help="how many seeds (0, 1, ...)")
+    parser.add_argument("--profile", default=None, help="cpu or gpu (default: $COURSE_PROFILE, else by device)")
+    args = parser.parse_args()
+    print(f"{'seed':>4} {'model':<14} {'acc before':>10} {'acc after':>10} {'format after':>13} {'GRPO s':>7}")
+    for row in seed_sweep(range(args.seeds), args.profile, progress=False):
+        print(f"{row['seed']:>4} {row['model']:<14} {row['accuracy_before']:>10.1%} {row['accuracy_after']:>10.1%} "
+              f"{row['format_after']:>13.1%} {row['grpo_seconds']:>7.0f}", flush=True)
