@@ -13,7 +13,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 TORCH_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
-.PHONY: lab test notebooks setup setup-test clean-venv
+.PHONY: lab test notebooks results setup setup-test clean-venv
 
 setup: $(VENV)/.course-installed
 setup-test: $(VENV)/.test-installed
@@ -32,9 +32,14 @@ lab: setup
 	cd notebooks && ../$(BIN)/jupyter lab --ip=127.0.0.1 --port=$(PORT) \
 		--ServerApp.open_browser=True
 
+# Two workers: each notebook runs whole on one of them (--dist loadscope), in file order (notebooks that
+# reload an earlier one's checkpoint tend to find it), and each kernel uses half the
+# cores (setup_notebook), so two notebooks at once fill the machine. Override with `make test WORKERS=1`.
+WORKERS ?= 2
+
 test: setup-test
 	COURSE_PROFILE=cpu $(BIN)/python -m pytest tests notebooks --nbval --nbval-cell-timeout=900 \
-		--nbval-sanitize-with tests/nbval_sanitize.cfg -q
+		--nbval-sanitize-with tests/nbval_sanitize.cfg -q -n $(WORKERS) --dist loadscope --no-loadscope-reorder
 
 # Re-run notebooks top to bottom under the cpu profile and store their outputs (what learners read on
 # the web), without widget state. One notebook: make notebooks NB=00_setup_and_baseline.ipynb
@@ -43,6 +48,13 @@ notebooks: setup-test
 		COURSE_PROFILE=cpu ../$(BIN)/jupyter nbconvert --to notebook --execute --inplace \
 		--ExecutePreprocessor.store_widget_state=False --ExecutePreprocessor.timeout=1800 $$nb || exit 1; \
 	done
+
+# Notebook 08's report card and the notebooks' run times feed the README (python -m course_lib.report):
+# re-run notebook 08, copy its card to assets/, regenerate the README's results table. After a `make test`,
+# `make results TIMES=test-artifacts/notebook_times.json` also refreshes the run-time column.
+results: setup-test
+	$(MAKE) notebooks NB=08_nano_deepseek.ipynb
+	$(BIN)/python -m course_lib.report --card notebooks/checkpoints/08_report_card_cpu.json $(if $(TIMES),--times $(TIMES),)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,6 +1,8 @@
 """Repository-wide pytest hooks: report each notebook's run time under nbval (for the README's table)."""
 
+import json
 from collections import defaultdict
+from pathlib import Path
 
 _notebook_seconds: dict[str, float] = defaultdict(float)
 
@@ -16,6 +18,10 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("-", "notebook run times (setup + cells + teardown)")
         for path, seconds in sorted(_notebook_seconds.items()):
             terminalreporter.write_line(f"{seconds:7.1f} s  {path}")
+        # For the README's contents table: python -m course_lib.report --times test-artifacts/notebook_times.json
+        out = Path(__file__).parent / "test-artifacts" / "notebook_times.json"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps({Path(p).name: round(s, 1) for p, s in sorted(_notebook_seconds.items())}, indent=1))
 
 
 def pytest_collection_modifyitems(items):
