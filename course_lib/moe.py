@@ -147,26 +147,32 @@ def dispatch_vectorized(experts: nn.ModuleList, x: torch.Tensor, topk_idx: torch
     """Routed output (N, hidden) with no Python loop: sort slots by expert, batched matmuls, scatter-add back.
 
     The N·K token-slots are sorted by expert id so each expert's slots are contiguous, then laid into a
-    padded (E, C, hidden) buffer (C = the busiest expert's count) and pushed through all experts at once
-    with stacked weights. A capacity-factor MoE fixes C in advance and drops what does not fit
-    (`capacity_drop`); grouped-GEMM kernels skip the padding. Results are weighted and summed back per
-    token with `index_add_`. Assumes SwiGLU experts (gate_proj, up_proj, down_proj).
+    padded buffer of E·C rows (C = the busiest expert's count): row e·C + p holds the p-th token of expert
+    e, and padding rows read an all-zero row appended to x. All experts then run at once as batched
+    matmuls with stacked weights, gate and up in one (E, 2I, hidden) stack, and every row's output is
+    weighted and summed back into its token with `index_add_` (padding rows land on the extra row, which
+    is dropped). Only gathers of whole rows (`index_select`) and their scatter-add are used: both are cheap
+    forward and backward. Padding costs compute when routing is unbalanced (E·C rows for N·K slots); a
+    capacity-factor MoE fixes C in advance and drops what does not fit (`capacity_drop`), grouped-GEMM
+    kernels skip the padding. Assumes SwiGLU experts (gate_proj, up_proj, down_proj).
     """
     N, K = topk_idx.shape
-    E = len(experts)
+    E, d = len(experts), x.shape[-1]
     flat_idx = topk_idx.flatten()  # (N·K,)
     order, pos, counts = _group_by_expert(flat_idx, E)  # (N·K,), (N·K,), (E,)
-    expert_of = flat_idx[order]  # (N·K,) sorted expert ids
-    token_of = order // K  # (N·K,) the token each sorted slot came from
     C = int(counts.max()) if N else 0
-    buf = x.new_zeros(E, C, x.shape[-1]).index_put((expert_of, pos), x[token_of])  # (E, C, hidden)
-    w_gate = torch.stack([e.gate_proj.weight for e in experts])  # (E, I, hidden)
-    w_up = torch.stack([e.up_proj.weight for e in experts])  # (E, I, hidden)
+    row = flat_idx[order] * C + pos  # (N·K,) each sorted slot's row in the E·C buffer
+    token = torch.full((E * C,), N, device=x.device).index_copy_(0, row, order // K)  # (E·C,) N on padding
+    weight = topk_weight.new_zeros(E * C).index_copy_(0, row, topk_weight.flatten()[order])  # (E·C,) 0 on padding
+    x_pad = torch.cat([x, x.new_zeros(1, d)])  # (N+1, hidden): row N is the padding token
+    buf = x_pad.index_select(0, token).view(E, C, d)  # (E, C, hidden)
+    w_gate_up = torch.stack([w for e in experts for w in (e.gate_proj.weight, e.up_proj.weight)])  # (2E, I, hidden)
+    w_gate_up = w_gate_up.view(E, -1, d)  # (E, 2I, hidden): expert e's gate rows, then its up rows
     w_down = torch.stack([e.down_proj.weight for e in experts])  # (E, hidden, I)
-    h = F.silu(torch.einsum("ecd,eid->eci", buf, w_gate)) * torch.einsum("ecd,eid->eci", buf, w_up)  # (E, C, I)
-    out = torch.einsum("eci,edi->ecd", h, w_down)[expert_of, pos]  # (N·K, hidden)
-    out = out * topk_weight.flatten()[order, None]  # (N·K, hidden)
-    return torch.zeros_like(x).index_add_(0, token_of, out.to(x.dtype))  # (N, hidden)
+    gate, up = torch.bmm(buf, w_gate_up.transpose(1, 2)).chunk(2, dim=-1)  # (E, C, I) each: "ecd,eid->eci"
+    out = torch.bmm(F.silu(gate) * up, w_down.transpose(1, 2)).view(E * C, d)  # (E·C, hidden): "eci,edi->ecd"
+    out = out * weight[:, None]  # (E·C, hidden)
+    return x.new_zeros(N + 1, d).index_add_(0, token, out.to(x.dtype))[:N]  # (N, hidden)
 
 
 _DISPATCH_FNS = {"token_loop": dispatch_token_loop, "expert_loop": dispatch_expert_loop,

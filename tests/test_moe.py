@@ -5,7 +5,8 @@ What is asserted:
   e_score_correction_bias, loaded through the packed-layout loader): same selected experts, same
   weights, same output to 1e-5, for every dispatch, with n_group > 1 and topk_group < n_group,
   norm_topk_prob on and off, routed_scaling_factor != 1; pack(unpack(sd)) gives sd back.
-- the three dispatches give the same output and the same gradients.
+- the three dispatches give the same output and the same gradients; the vectorized one also with
+  skewed routing (mostly padding rows) and idle experts, and with no tokens at all.
 - the bias changes which expert is picked but not the weight it gets (hand case); group-limited
   routing by top-2 sum (V3) and by max (V2) pick what the hand computation says.
 - normalized weights sum to routed_scaling_factor; the softmax path is top-K of softmax.
@@ -171,6 +172,34 @@ def test_three_dispatches_agree_in_output_and_gradient():
     moe.dispatch = "bogus"
     with pytest.raises(ValueError, match="dispatch"):
         moe(x0)
+
+
+def test_vectorized_dispatch_with_padding_and_idle_experts():
+    """Skewed routing: expert 0 takes every token, experts 4-7 none, so most buffer rows are padding."""
+    from course_lib.moe import dispatch_expert_loop, dispatch_vectorized
+
+    torch.manual_seed(2)
+    experts = nn.ModuleList(SwiGLU(16, 8) for _ in range(8))
+    N = 11
+    topk_idx = torch.stack([torch.zeros(N, dtype=torch.long), torch.randint(1, 4, (N,))], dim=1)  # (N, 2)
+    topk_weight = torch.rand(N, 2, requires_grad=True)
+    results = []
+    for fn in (dispatch_expert_loop, dispatch_vectorized):
+        experts.zero_grad()
+        topk_weight.grad = None
+        x = torch.randn(N, 16, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        out = fn(experts, x, topk_idx, topk_weight)
+        (out * torch.linspace(-1, 1, 16)).sum().backward()
+        grads = [x.grad, topk_weight.grad] + [p.grad if p.grad is not None else torch.zeros_like(p)
+                                              for p in experts.parameters()]
+        results.append((out.detach(), grads))
+    (ref, ref_grads), (out, grads) = results
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, atol=1e-6, rtol=0)
+    assert all(p.grad is None or not p.grad.any() for e in experts[4:] for p in e.parameters())
+    empty = dispatch_vectorized(experts, torch.randn(0, 16), topk_idx[:0], topk_weight[:0])
+    assert empty.shape == (0, 16)
 
 
 def test_forward_records_load_and_scores():
