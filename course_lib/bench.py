@@ -1,6 +1,10 @@
-"""Timing helpers: warm-up, median of repeats, and the ratio of two callables measured alternately.
+"""Timing helpers: warm-up, median of repeats, and callables measured alternately (round-robin).
 
-Used by notebooks and benchmark scripts only: unit tests never assert on time.
+Used by notebooks and benchmark scripts only: unit tests never assert on time. The benchmarks
+themselves live in `course_lib.benchmarks`; run them from here:
+
+    python -m course_lib.bench kv  [--repeats 5] [--quick]   # KV cache, MLA absorbed/naive vs MHA, cache bytes
+    python -m course_lib.bench moe [--repeats 5] [--quick]   # dispatch tokens/s, MoE layer vs dense SwiGLU
 """
 
 from __future__ import annotations
@@ -55,19 +59,36 @@ class Comparison:
         return self.b.median / self.a.median
 
 
-def compare(fn_a: Callable[[], object], fn_b: Callable[[], object], warmup: int = 1, repeats: int = 5) -> Comparison:
-    """Time two callables alternately (a, b, a, b, ...), so drift in machine load hits both alike."""
+def compare_many(fns: dict[str, Callable[[], object]], warmup: int = 1, repeats: int = 5,
+                 clock: Callable[[], float] = time.perf_counter) -> dict[str, Timing]:
+    """Time several callables round-robin (a, b, c, a, b, c, ...), so drift in machine load hits all alike.
+
+    `clock=time.process_time` counts this process's CPU time instead of wall time: on a machine shared with
+    other jobs it is much steadier, but it only means latency when torch runs one thread (set_num_threads(1)).
+    """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}.")
     for _ in range(warmup):
-        fn_a()
-        fn_b()
-    ta, tb = [], []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        for fn, sink in ((fn_a, ta), (fn_b, tb)):
+        for name, fn in fns.items():
             _sync()
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             _sync()
-            sink.append(time.perf_counter() - t0)
-    return Comparison(Timing(statistics.median(ta), tuple(ta)), Timing(statistics.median(tb), tuple(tb)))
+            times[name].append(clock() - t0)
+    return {name: Timing(statistics.median(ts), tuple(ts)) for name, ts in times.items()}
+
+
+def compare(fn_a: Callable[[], object], fn_b: Callable[[], object], warmup: int = 1, repeats: int = 5) -> Comparison:
+    """Time two callables alternately (a, b, a, b, ...), so drift in machine load hits both alike."""
+    t = compare_many({"a": fn_a, "b": fn_b}, warmup, repeats)
+    return Comparison(t["a"], t["b"])
+
+
+if __name__ == "__main__":
+    from course_lib.benchmarks import main
+
+    main()

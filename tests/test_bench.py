@@ -1,6 +1,8 @@
+import math
+
 import pytest
 
-from course_lib import bench
+from course_lib import bench, benchmarks
 
 
 def test_time_callable_warms_up_then_repeats():
@@ -28,3 +30,78 @@ def test_compare_measures_a_real_difference():
 def test_bad_repeat_counts():
     with pytest.raises(ValueError, match="repeats >= 1"):
         bench.time_callable(lambda: None, repeats=0)
+
+
+def test_compare_many_runs_round_robin_on_the_given_clock():
+    order = []
+    ticks = iter(range(100))
+    t = bench.compare_many({"a": lambda: order.append("a"), "b": lambda: order.append("b"),
+                            "c": lambda: order.append("c")}, warmup=1, repeats=2, clock=lambda: next(ticks))
+    assert order == ["a", "b", "c"] * 3
+    assert list(t) == ["a", "b", "c"] and all(timing.times == (1, 1) for timing in t.values())
+
+
+# ---------------------------------------------------------------- python -m course_lib.bench kv|moe
+# The benchmarks run at quick sizes; only their structure and exact invariants are checked, never time.
+
+def _positive_numbers(rows, keys):
+    for row in rows:
+        assert set(keys) <= set(row)
+        assert all(math.isfinite(row[k]) and row[k] > 0 for k in keys), row
+
+
+def test_kv_benchmarks_quick():
+    decode = benchmarks.decode_speed(quick=True, repeats=1)
+    assert [r["new_tokens"] for r in decode] == [8]
+    _positive_numbers(decode, ["cached_tok_s", "uncached_tok_s", "cached_speedup"])
+    assert decode[0]["cached_speedup"] == pytest.approx(decode[0]["cached_tok_s"] / decode[0]["uncached_tok_s"])
+    mla = benchmarks.mla_decode_speed(quick=True, repeats=1)  # also asserts absorbed == naive on its cache
+    assert [r["cached_tokens"] for r in mla] == [64, 256]
+    _positive_numbers(mla, ["absorbed_ms", "naive_ms", "mha_ms", "naive_over_absorbed", "mha_over_absorbed"])
+    cfg = benchmarks.DEEPSEEK_PROPORTIONS
+    assert cfg.kv_lora_rank == 4 * cfg.qk_nope_head_dim and cfg.qk_rope_head_dim == cfg.qk_nope_head_dim // 2
+    assert cfg.num_attention_heads >= 16
+
+
+def test_cache_bytes_match_the_formulas():
+    mha, mla = benchmarks.cache_bytes()
+    L = mha["layers"]
+    assert mha["bytes_per_token"] == L * 2 * 128 * 4  # K and V, 4 heads x 32 wide, float32
+    assert mla["bytes_per_token"] == L * (16 + 16) * 4  # c_kv (C = 16) and k_rope (Dr = 16)
+    assert mla["relative_to_mha"] == 1 / 8 and mha["relative_to_mha"] == 1
+
+
+def test_moe_benchmarks_quick():
+    rows = benchmarks.dispatch_speed(quick=True, repeats=1)  # also asserts the three dispatches agree
+    assert [(r["experts"], r["top_k"], r["pass"]) for r in rows] == [
+        (E, K, p) for E, K in benchmarks.MOE_SHAPES for p in ("forward", "forward+backward")]
+    _positive_numbers(rows, ["vectorized_tok_s", "token_loop_tok_s", "expert_loop_tok_s", "tokens"])
+    assert all(r["load_max_over_mean"] >= 1 for r in rows)
+    layers = benchmarks.moe_vs_dense(quick=True, repeats=1)
+    _positive_numbers(layers, ["moe_vectorized_tok_s", "moe_expert_loop_tok_s", "dense_tok_s"])
+    for r in layers:  # same active parameters but for the router (E x hidden)
+        assert r["moe_active_params"] - r["dense_params"] == r["experts"] * 128
+
+
+def test_cli_prints_ratios_and_floors(monkeypatch, capsys):
+    """main() on canned rows: the printed ratios and the floor verdicts follow the numbers."""
+    monkeypatch.setattr(benchmarks, "decode_speed", lambda *a: [
+        {"new_tokens": 32, "batch": 8, "cached_tok_s": 800.0, "uncached_tok_s": 100.0, "cached_speedup": 8.0}])
+    monkeypatch.setattr(benchmarks, "mla_decode_speed", lambda *a: [
+        {"cached_tokens": 4096, "batch": 1, "absorbed_ms": 10.0, "naive_ms": 15.0, "mha_ms": 20.0,
+         "naive_over_absorbed": 1.5, "mha_over_absorbed": 2.0}])
+    benchmarks.main(["kv", "--repeats", "2"])
+    out = capsys.readouterr().out
+    assert "cached/uncached   8.0x" in out and "naive/absorbed   1.5x" in out
+    assert "floor, absorbed >= 2x faster than naive at 4096 cached tokens: NOT met, 1.5x at 4096" in out
+    assert "MLA/MHA = 0.125" in out and "2 round-robin repeat(s)" in out
+    row = {"experts": 8, "top_k": 2, "tokens": 1280, "pass": "forward", "load_max_over_mean": 1.1,
+           "vectorized_tok_s": 600.0, "token_loop_tok_s": 100.0, "expert_loop_tok_s": 500.0}
+    monkeypatch.setattr(benchmarks, "dispatch_speed", lambda *a: [row])
+    monkeypatch.setattr(benchmarks, "moe_vs_dense", lambda *a: [])
+    benchmarks.main(["moe"])
+    out = capsys.readouterr().out
+    assert "vectorized/token   6.0x" in out and "vectorized/expert 1.20x" in out and ": met in every row" in out
+    monkeypatch.setattr(benchmarks, "dispatch_speed", lambda *a: [{**row, "expert_loop_tok_s": 700.0}])
+    benchmarks.main(["moe"])
+    assert "NOT met in some rows" in capsys.readouterr().out
