@@ -154,7 +154,10 @@ def dispatch_vectorized(experts: nn.ModuleList, x: torch.Tensor, topk_idx: torch
     is dropped). Only gathers of whole rows (`index_select`) and their scatter-add are used: both are cheap
     forward and backward. Padding costs compute when routing is unbalanced (E·C rows for N·K slots); a
     capacity-factor MoE fixes C in advance and drops what does not fit (`capacity_drop`), grouped-GEMM
-    kernels skip the padding. Assumes SwiGLU experts (gate_proj, up_proj, down_proj).
+    kernels skip the padding. On a CPU its large temporaries (about 10 MB for 1,280 tokens of width 128) can
+    be handed back to the OS by malloc after each call and page-faulted in again by the next, which the
+    per-expert loop's small ones avoid: the loop can win a forward pass. Assumes SwiGLU experts
+    (gate_proj, up_proj, down_proj).
     """
     N, K = topk_idx.shape
     E, d = len(experts), x.shape[-1]
