@@ -371,3 +371,12 @@ def test_bad_inputs_fail_with_clear_messages():
         mtp_loss_fn(-0.1)
     with pytest.raises(TypeError, match="MTPModel"):
         mtp_loss_fn()(m.main, *rows())
+
+
+def test_returns_a_generation_and_restores_training_mode():
+    m = model_for(D=1).train()
+    prompt = torch.randint(0, V, (1, 4), generator=torch.Generator().manual_seed(6))
+    spec = speculative_generate(m, prompt, 9)
+    assert m.training
+    assert spec.to_lists() == [spec.tokens[0].tolist()] and len(spec.to_lists()[0]) == 9
+    assert spec.finished.tolist() == [False] and spec.main_forwards == 1 + (9 - 1 - spec.accepted)
