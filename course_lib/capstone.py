@@ -37,21 +37,41 @@ def nano_deepseek_config(profile, **changes) -> ModelConfig:
     """The profile's nano-DeepSeek: MLA everywhere, DeepSeekMoE after the first layer.
 
     Sizes follow the baseline (`profile.baseline_config()`), so the two differ only where DeepSeek differs:
-    - MLA with twice the baseline's heads, per-head widths half the baseline head width, a latent as wide
-      as one baseline head and a decoupled RoPE key half as wide: 3/(4 n_h) of what MHA caches per token
-      (3/16 with the cpu profile's 4 heads; a latent of half that width learned visibly worse);
+    - MLA with twice the baseline's heads and compressed queries (as V2/V3 compress them), the query rank
+      chosen so that attention has as many parameters as the baseline's MHA (`_matching_q_rank`; 64 with
+      the cpu profile), per-head content widths d_h/2, and a cache of a latent and a decoupled RoPE key each as wide
+      as one baseline head d_h: 2 d_h numbers per token and layer, 1/n_h of MHA's 2 n_h d_h (1/4 with the
+      cpu profile's 4 heads). DeepSeek's RoPE key is half its head width (64 of 128); here it is twice
+      the content width, because this task is positional (column-by-column addition) and at this scale a
+      narrower shared RoPE key learned clearly worse (pretraining seed 1: 12-28% held-out accuracy with
+      16 channels across latent and head-count variants, 53% with 32);
     - 16 routed experts a quarter of the dense FFN wide, top-3 in 2 of 4 groups, plus 1 shared expert of
       the same width: 4 experts of width d_ff/4 are active, the dense FFN's width d_ff.
     """
     base = profile.baseline_config()
     half = base.resolved_head_dim // 2
-    cfg = base.replace(
-        attention="mla", num_attention_heads=2 * base.num_attention_heads, qk_nope_head_dim=half,
-        v_head_dim=half, qk_rope_head_dim=half, kv_lora_rank=base.resolved_head_dim,
+    d_h = base.resolved_head_dim
+    mla = base.replace(attention="mla", num_attention_heads=2 * base.num_attention_heads,
+                       qk_nope_head_dim=half, v_head_dim=half, qk_rope_head_dim=d_h, kv_lora_rank=d_h)
+    cfg = mla.replace(
+        q_lora_rank=_matching_q_rank(mla, 4 * base.hidden_size * base.num_attention_heads * d_h),
         ffn="moe", n_routed_experts=16, num_experts_per_tok=3, n_shared_experts=1,
         moe_intermediate_size=base.intermediate_size // 4, n_group=4, topk_group=2, scoring_func="sigmoid",
         norm_topk_prob=True, first_k_dense_replace=1)
     return cfg.replace(**changes) if changes else cfg
+
+
+def _matching_q_rank(mla: ModelConfig, target: int) -> int:
+    """The query rank r (a multiple of 8) that gives MLA attention about `target` parameters.
+
+    MLA's projections hold d·r + r·H(D + Dr) (queries through the rank-r bottleneck, W^DQ and W^UQ/W^QR),
+    d·(C + Dr) (W^DKV and W^KR), C·H(D + Dv) (W^UK and W^UV) and H·Dv·d (W^O) weights; solve for r.
+    """
+    d, H = mla.hidden_size, mla.num_attention_heads
+    fixed = d * (mla.kv_lora_rank + mla.qk_rope_head_dim) + mla.kv_lora_rank * H * (mla.qk_nope_head_dim + mla.v_head_dim) \
+        + H * mla.v_head_dim * d
+    per_rank = d + H * mla.qk_head_dim
+    return max(8, round((target - fixed) / per_rank / 8) * 8)
 
 
 def prepare(model: CourseModel) -> CourseModel:
@@ -181,9 +201,11 @@ def elapsed(fn) -> float:
 
 # ----------------------------------------------------------------------------- seed sweep (a script)
 
-def seed_sweep(seeds, profile: str | None = None, progress: bool = False) -> list[dict]:
-    """For each seed, both models through the whole recipe: pretrain, measure, GRPO, measure.
-    Returns one row per seed and model with held-out accuracy and format rate before and after GRPO."""
+def seed_sweep(seeds, profile: str | None = None, progress: bool = False,
+               models: tuple[str, ...] = ("baseline", "nano_deepseek"), on_row=None) -> list[dict]:
+    """For each seed, each of `models` through the whole recipe: pretrain, measure, GRPO, measure.
+    Returns one row per seed and model with held-out accuracy and format rate before and after GRPO;
+    `on_row(row)` sees each row as soon as it is measured."""
     from .grpo import evaluate_policy, train_grpo
     from .profiles import get_profile
     from .train import pretrain_on_task
@@ -191,9 +213,13 @@ def seed_sweep(seeds, profile: str | None = None, progress: bool = False) -> lis
     prof = get_profile(profile)
     rows = []
     for seed in seeds:
-        base, _, tok, _, eval_problems = pretrain_on_task(prof.baseline_config(), prof, seed=seed, progress=progress)
-        nano, _, tracker, _, _, _ = train_nano_deepseek(prof, seed=seed, progress=progress)
-        for name, model in (("baseline", base), ("nano_deepseek", nano)):
+        for name in models:
+            if name == "baseline":
+                model, _, tok, _, eval_problems = pretrain_on_task(prof.baseline_config(), prof, seed=seed, progress=progress)
+            elif name == "nano_deepseek":
+                model, _, _, tok, _, eval_problems = train_nano_deepseek(prof, seed=seed, progress=progress)
+            else:
+                raise ValueError(f"unknown model {name!r}: use 'baseline' or 'nano_deepseek'.")
             before, _ = evaluate_policy(model, tok, eval_problems, 64)
             cfg, pool, reward = grpo_recipe(prof, eval_problems, seed)
             result = train_grpo(model, tok, pool, cfg, reward_fn=reward, progress=progress)
@@ -201,6 +227,8 @@ def seed_sweep(seeds, profile: str | None = None, progress: bool = False) -> lis
             rows.append({"seed": seed, "model": name, "accuracy_before": before["accuracy"],
                          "accuracy_after": after["accuracy"], "format_after": after["format_rate"],
                          "grpo_seconds": result.seconds})
+            if on_row is not None:
+                on_row(rows[-1])
     return rows
 
 
@@ -209,9 +237,15 @@ if __name__ == "__main__":  # python -m course_lib.capstone --seeds 2
 
     parser = argparse.ArgumentParser(description="nano-DeepSeek vs the dense baseline, whole recipe, one run per seed.")
     parser.add_argument("--seeds", type=int, default=2, help="how many seeds (0, 1, ...)")
+    parser.add_argument("--first-seed", type=int, default=0, help="start the seeds here")
     parser.add_argument("--profile", default=None, help="cpu or gpu (default: $COURSE_PROFILE, else by device)")
+    parser.add_argument("--models", nargs="+", default=["baseline", "nano_deepseek"], help="which models to run")
     args = parser.parse_args()
     print(f"{'seed':>4} {'model':<14} {'acc before':>10} {'acc after':>10} {'format after':>13} {'GRPO s':>7}")
-    for row in seed_sweep(range(args.seeds), args.profile, progress=False):
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+
+    def show(row: dict) -> None:
         print(f"{row['seed']:>4} {row['model']:<14} {row['accuracy_before']:>10.1%} {row['accuracy_after']:>10.1%} "
               f"{row['format_after']:>13.1%} {row['grpo_seconds']:>7.0f}", flush=True)
+
+    seed_sweep(seeds, args.profile, progress=False, models=tuple(args.models), on_row=show)

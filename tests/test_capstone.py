@@ -105,3 +105,15 @@ def test_train_nano_deepseek_balances_with_the_bias_and_resumes(tmp_path, monkey
     assert result2.resumed_from == TINY.pretrain_steps
     for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("name", sorted(PROFILES))
+def test_query_rank_gives_mla_the_parameters_of_the_baselines_attention(name):
+    from course_lib.attention import CausalSelfAttention, MultiHeadLatentAttention
+
+    profile = PROFILES[name]
+    mla = MultiHeadLatentAttention(nano_deepseek_config(profile))
+    mha = CausalSelfAttention(profile.baseline_config())
+    n_mla, n_mha = (sum(p.numel() for p in m.parameters()) for m in (mla, mha))
+    assert mla.q_lora_rank > 0 and mla.q_lora_rank % 8 == 0
+    assert abs(n_mla - n_mha) / n_mha < 0.03, (n_mla, n_mha)
