@@ -16,14 +16,13 @@ the script measure alike.
 from __future__ import annotations
 
 import copy
-import time
-from dataclasses import dataclass
 
 import torch
 
 from .config import ModelConfig
+from .grpo import grpo_recipe  # noqa: F401  (notebook 07's GRPO protocol, which notebook 08 reuses)
 from .model import CourseModel
-from .moe import LoadTracker, balancing_loss_fn, max_violation, moe_layers
+from .moe import LoadTracker, balancing_loss_fn, mean_max_violation, moe_layers
 
 PRESETS = ("nano-deepseek-cpu", "nano-deepseek-gpu")  # one per profile: nano_deepseek_config(get_profile(name))
 
@@ -83,39 +82,18 @@ def prepare(model: CourseModel) -> CourseModel:
 
 def train_nano_deepseek(profile, *, seed: int = 0, name: str | None = None, on_load=None, then=None,
                         progress: bool = True, device=None, config: ModelConfig | None = None):
-    """Pretrain nano-DeepSeek on the baseline's data for the baseline's steps, balancing with V3's bias
-    update and sequence-wise loss. Checkpoints under `name` (resumes exactly, bias included).
-    Returns (model, TrainResult, LoadTracker, tokenizer, train_problems, eval_problems)."""
-    from .profiles import checkpoint_path
-    from .tasks import Tokenizer, addition_splits, encode_examples
-    from .train import TrainConfig, train_lm
+    """Pretrain nano-DeepSeek with the baseline's recipe (`train.pretrain_on_task`: same data, steps and
+    schedule), balancing with V3's bias update and sequence-wise loss. Checkpoints under `name` (resumes
+    exactly, bias included). Returns (model, TrainResult, LoadTracker, tokenizer, train_problems, eval_problems)."""
+    from .train import pretrain_on_task
 
-    tok = Tokenizer()
-    train_problems, eval_problems = addition_splits(profile.n_train, profile.n_eval, digits=profile.digits, seed=0)
-    tokens, mask = encode_examples(train_problems, tok)
     torch.manual_seed(seed)
     model = prepare(CourseModel(config or nano_deepseek_config(profile)))
-    if device is not None:
-        model = model.to(device)
     tracker = LoadTracker(model, gamma=BIAS_GAMMA, on_load=on_load, then=then)
-    cfg = TrainConfig(steps=profile.pretrain_steps, batch_size=profile.batch_size, lr=profile.lr, seed=seed,
-                      warmup_steps=min(TrainConfig.warmup_steps, profile.pretrain_steps))  # = pretrain_on_task's
-    result = train_lm(model, tokens, mask, cfg, checkpoint_path=checkpoint_path(name) if name else None,
-                      callback=tracker, progress=progress, loss_fn=balancing_loss_fn("sequence", SEQUENCE_ALPHA))
+    model, result, tok, train_problems, eval_problems = pretrain_on_task(
+        None, profile, name=name, seed=seed, callback=tracker, progress=progress, device=device, model=model,
+        loss_fn=balancing_loss_fn("sequence", SEQUENCE_ALPHA))
     return model, result, tracker, tok, train_problems, eval_problems
-
-
-def grpo_recipe(profile, eval_problems: list, seed: int = 0):
-    """Notebook 07's GRPO protocol: (config, training questions disjoint from `eval_problems`, reward)."""
-    from .grpo import GRPOConfig, make_reward
-    from .tasks import draw_problems, sample_addition
-
-    steps = {"cpu": 60, "gpu": 200}[profile.name]
-    pool = draw_problems(lambda rng: sample_addition(rng, profile.digits), 4000, seed=seed + 1, split="any",
-                         exclude=eval_problems)
-    cfg = GRPOConfig(steps=steps, prompts_per_step=16, group_size=8, max_new_tokens=48, lr=1e-4,
-                     warmup_steps=min(10, steps), seed=seed)
-    return cfg, pool, make_reward(accuracy_weight=1.0, format_weight=0.5)
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -147,15 +125,8 @@ def routed_load(model: CourseModel, tokens: torch.Tensor, mask: torch.Tensor) ->
 
 
 def held_out_max_violation(model: CourseModel, tokens: torch.Tensor, mask: torch.Tensor) -> float:
-    """MaxVio ([V3] §4.5.2: max load / mean load − 1) of each MoE layer on held-out text, averaged."""
-    loads = routed_load(model, tokens, mask)
-    return sum(max_violation(row) for row in loads) / len(loads)
-
-
-@dataclass
-class Throughput:
-    tokens_per_s: float
-    seconds: float
+    """MaxVio ([LF]: max load / mean load − 1) of each MoE layer on held-out text, averaged over layers."""
+    return mean_max_violation(routed_load(model, tokens, mask))
 
 
 def training_step_fn(model: CourseModel, tokens: torch.Tensor, mask: torch.Tensor, batch_size: int, lr: float,
@@ -192,11 +163,6 @@ def decode_fn(model: CourseModel, context: int, new_tokens: int, batch: int = 1,
     prompt = torch.randint(vocab_floor, model.config.vocab_size, (batch, context), generator=g).to(device)
     return lambda: generate(model, prompt, new_tokens, use_cache=True)
 
-
-def elapsed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- seed sweep (a script)

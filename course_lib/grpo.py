@@ -597,23 +597,32 @@ def train_grpo(model, tok, problems: list, cfg: GRPOConfig, *, reward_fn: Callab
 
 # ----------------------------------------------------------------------------- seed sweep (a script)
 
+def grpo_recipe(profile, eval_problems: list, seed: int = 0, steps: int | None = None):
+    """Notebook 07's GRPO protocol for a profile: (config, 4000 training questions disjoint from
+    `eval_problems`, reward = accuracy + 0.5·format). Notebook 08 and both seed sweeps reuse it."""
+    from .tasks import draw_problems, sample_addition
+
+    steps = steps or {"cpu": 60, "gpu": 200}[profile.name]
+    pool = draw_problems(lambda rng: sample_addition(rng, profile.digits), 4000, seed=seed + 1, split="any",
+                         exclude=eval_problems)
+    cfg = GRPOConfig(steps=steps, prompts_per_step=16, group_size=8, max_new_tokens=48, lr=1e-4,
+                     warmup_steps=min(10, steps), seed=seed)
+    return cfg, pool, make_reward(accuracy_weight=1.0, format_weight=0.5)
+
+
 def seed_sweep(seeds, steps: int | None = None, profile: str | None = None, progress: bool = False) -> list[dict]:
     """Notebook 07's recipe for each seed: pretrain the baseline (``train.pretrain_on_task``), measure,
-    run GRPO with ``GRPOConfig()`` defaults, measure again. Returns one row of numbers per seed."""
+    run GRPO with ``grpo_recipe``, measure again. Returns one row of numbers per seed."""
     from .profiles import get_profile
-    from .tasks import draw_problems, sample_addition
     from .train import pretrain_on_task
 
     prof = get_profile(profile)
-    steps = steps or {"cpu": 60, "gpu": 200}[prof.name]
     rows = []
     for seed in seeds:
         model, _, tok, _, eval_problems = pretrain_on_task(prof.baseline_config(), prof, seed=seed, progress=progress)
         before, _ = evaluate_policy(model, tok, eval_problems, 64)
-        pool = draw_problems(lambda rng: sample_addition(rng, prof.digits), 4000, seed=seed + 1, split="any",
-                             exclude=eval_problems)
-        cfg = GRPOConfig(steps=steps, seed=seed, warmup_steps=min(10, steps))
-        result = train_grpo(model, tok, pool, cfg, progress=progress)
+        cfg, pool, reward = grpo_recipe(prof, eval_problems, seed, steps)
+        result = train_grpo(model, tok, pool, cfg, reward_fn=reward, progress=progress)
         after, _ = evaluate_policy(model, tok, eval_problems, 64)
         rows.append({"seed": seed, "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
                      "format_before": before["format_rate"], "format_after": after["format_rate"],

@@ -251,12 +251,15 @@ def evaluate_accuracy(model, tok, problems, max_new_tokens: int, score: Callable
 
 
 def pretrain_on_task(config, profile, *, name: str | None = None, steps: int | None = None, seed: int = 0,
-                     callback: Callable[[int, float], None] | None = None, progress: bool = True, device=None):
+                     callback: Callable[[int, float], None] | None = None, progress: bool = True, device=None,
+                     model=None, loss_fn: Callable | None = None):
     """Build a CourseModel from `config` and train it on the profile's addition examples.
 
     The shared recipe of every notebook that needs a trained model (notebook 00's baseline, the
-    GQA/MLA/MoE variants): same data, same steps, same seed, so results compare fairly. With a `name`
-    it checkpoints to `checkpoint_path(name)` and resumes or reloads from there.
+    GQA/MLA/MoE variants, nano-DeepSeek): same data, same steps, same seed, so results compare fairly.
+    With a `name` it checkpoints to `checkpoint_path(name)` and resumes or reloads from there. Pass a
+    prebuilt `model` (then `config` is ignored) when the callback needs it, e.g. an MoE load tracker,
+    and `loss_fn` to add terms to the next-token loss (`train_lm`'s).
     Returns (model, TrainResult, tokenizer, train_problems, eval_problems).
     """
     from .model import CourseModel
@@ -266,11 +269,14 @@ def pretrain_on_task(config, profile, *, name: str | None = None, steps: int | N
     tok = Tokenizer()
     train_problems, eval_problems = addition_splits(profile.n_train, profile.n_eval, digits=profile.digits, seed=0)
     tokens, mask = encode_examples(train_problems, tok)
-    torch.manual_seed(seed)
-    model = CourseModel(config)
+    if model is None:
+        torch.manual_seed(seed)
+        model = CourseModel(config)
     if device is not None:
         model = model.to(device)
-    cfg = TrainConfig(steps=steps or profile.pretrain_steps, batch_size=profile.batch_size, lr=profile.lr, seed=seed)
+    steps = steps or profile.pretrain_steps
+    cfg = TrainConfig(steps=steps, batch_size=profile.batch_size, lr=profile.lr, seed=seed,
+                      warmup_steps=min(TrainConfig.warmup_steps, steps))
     result = train_lm(model, tokens, mask, cfg, checkpoint_path=checkpoint_path(name) if name else None,
-                      callback=callback, progress=progress)
+                      callback=callback, progress=progress, loss_fn=loss_fn)
     return model, result, tok, train_problems, eval_problems
