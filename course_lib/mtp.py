@@ -200,7 +200,7 @@ class SpeculativeDecoder:
     - the main model's cache holds positions 0 .. n-2 (t_{n-1} is decided but not yet fed), exactly what
       plain cached greedy decoding holds at that point, and `hidden[0]` holds h^0 for those positions;
     - module k's cache and `hidden[k]` hold positions 0 .. S_k - 1, each computed from h^{k-1}_i and
-      Emb(t_{i+k}) of decided tokens only.
+      Emb(t_{i+k}) of decided tokens only (the last module's `hidden` stays empty: nothing reads it).
 
     One `step`:
     1. draft: module 1 catches up over positions S_1 .. n-2 (the last one reads Emb(t_{n-1})) and its
@@ -255,7 +255,8 @@ class SpeculativeDecoder:
             start = cache.seq_len
             ids = (self.tokens + drafts)[start + k:n - 1 + k]  # Emb(t_{i+k}) for i = start .. n-2; d_{k-1} last
             h = layer(self.hidden[k - 1][:, start:n - 1], self.main.embed_tokens(self._ids(ids)), cache)  # (1, n-1-start, d)
-            self.hidden[k] = torch.cat([self.hidden[k], h], dim=1)  # (1, n-1, d)
+            if k < self.num_draft:  # module k+1 reads h^k; the last module's output is only drafted from
+                self.hidden[k] = torch.cat([self.hidden[k], h], dim=1)  # (1, n-1, d)
             drafts.append(self.propose(self.model.mtp_logits(h[:, -1], k)[0], k))
         return drafts
 
