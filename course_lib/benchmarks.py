@@ -6,7 +6,7 @@ kv (notebooks 01 and 03):
   attention layer with DeepSeek's proportions (C = 4·D and Dr = D/2 as in V2/V3, 16 heads);
 - `cache_bytes`: cache bytes per token of notebook 03's MLA model and the MHA baseline, read off live caches.
 moe (notebook 04):
-- `dispatch_speed`: tokens/s of the three dispatches of `course_lib.moe` on a training-sized batch,
+- `dispatch_speed`: tokens/s of the four dispatches of `course_lib.moe` on a training-sized batch,
   forward and forward+backward, after checking that they agree;
 - `moe_vs_dense`: a DeepSeekMoE layer against a dense SwiGLU as wide as its shared + K active experts.
 
@@ -33,7 +33,7 @@ from .bench import compare_many
 from .config import ModelConfig
 from .layers import SwiGLU
 from .model import CourseModel
-from .moe import DeepSeekMoE, dispatch_expert_loop, dispatch_token_loop, dispatch_vectorized
+from .moe import DeepSeekMoE, dispatch_expert_loop, dispatch_padded, dispatch_token_loop, dispatch_vectorized
 from .profiles import get_profile
 from .train import generate
 
@@ -47,7 +47,7 @@ DEEPSEEK_PROPORTIONS = ModelConfig(hidden_size=1024, num_attention_heads=16, hea
 MOE_SHAPES = ((8, 2), (16, 3))  # (E, K) of the MoE benchmarks
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 DISPATCH_FNS = {"token_loop": dispatch_token_loop, "expert_loop": dispatch_expert_loop,
-                "vectorized": dispatch_vectorized}
+                "vectorized": dispatch_vectorized, "padded": dispatch_padded}
 
 
 def _time(fns: dict, quick: bool, repeats: int, clock, grad: bool = False) -> dict:
@@ -165,10 +165,11 @@ def _dispatch_fwd_bwd(fn, experts: nn.ModuleList, x: torch.Tensor, topk_idx: tor
 def dispatch_speed(quick: bool = False, repeats: int = 5, device: str = "cpu", clock=time.perf_counter) -> list[dict]:
     """Tokens/s of each dispatch, forward and forward+backward: one row per (E, K, pass).
 
-    The expert loop and the vectorized dispatch are timed round-robin; the token loop apart (see below).
+    The expert loop, the vectorized and the padded dispatch are timed round-robin; the token loop apart
+    (see below).
 
     Routing comes from the layer's own (untrained) router, so the load is close to balanced; each row
-    records its busiest expert's load over the mean, which sets the vectorized dispatch's padding.
+    records its busiest expert's load over the mean, which sets the padded dispatch's padding.
     """
     rows = []
     for E, K in MOE_SHAPES:
@@ -194,7 +195,7 @@ def dispatch_speed(quick: bool = False, repeats: int = 5, device: str = "cpu", c
             grad = pass_ != "forward"
             # The token loop is timed on its own: its thousands of small tensors make malloc hand memory back
             # to the OS, and the next callable's large buffers would page-fault it in again (seen: ~1,900
-            # faults and 1.5x the time for the vectorized dispatch right after it).
+            # faults and 1.5x the time for the padded dispatch right after it).
             t = {**_time({"token_loop": fns.pop("token_loop")}, quick, repeats, clock, grad),
                  **_time(fns, quick, repeats, clock, grad)}
             rows.append({"experts": E, "top_k": K, "tokens": N, "pass": pass_,
@@ -282,20 +283,25 @@ def report_moe(quick: bool, repeats: int, device: str, clock) -> None:
     for r in rows:
         vec, tok, exp = r["vectorized_tok_s"], r["token_loop_tok_s"], r["expert_loop_tok_s"]
         print(f"  E={r['experts']:>2} K={r['top_k']} N={r['tokens']} {r['pass']:<16}: vectorized {vec:>9,.0f}, "
-              f"token loop {tok:>8,.0f}, expert loop {exp:>9,.0f}: vectorized/token {vec / tok:5.1f}x, "
-              f"vectorized/expert {vec / exp:4.2f}x (load max/mean {r['load_max_over_mean']:.2f})")
+              f"token loop {tok:>8,.0f}, expert loop {exp:>9,.0f}, padded {r['padded_tok_s']:>9,.0f}: "
+              f"vectorized/token {vec / tok:5.1f}x, vectorized/expert {vec / exp:4.2f}x "
+              f"(load max/mean {r['load_max_over_mean']:.2f})")
     met = all(r["vectorized_tok_s"] >= 5 * r["token_loop_tok_s"] and r["vectorized_tok_s"] >= r["expert_loop_tok_s"]
               for r in rows if r["experts"] >= 8)
     print(f"  floor, vectorized >= 5x the token loop and >= the expert loop with 8+ experts: "
           f"{'met' if met else 'NOT met'} in {'every row' if met else 'some rows'}")
     print("\nMoE layer (router + 1 shared + top-K routed) vs dense SwiGLU of the same active width, tokens/s")
-    for r in moe_vs_dense(quick, repeats, device, clock):
+    layer_rows = moe_vs_dense(quick, repeats, device, clock)
+    for r in layer_rows:
         dense = r["dense_tok_s"]
         print(f"  E={r['experts']:>2} K={r['top_k']} N={r['tokens']} {r['pass']:<16}: MoE vectorized "
               f"{r['moe_vectorized_tok_s']:>9,.0f} ({r['moe_vectorized_tok_s'] / dense:4.2f}x dense), expert loop "
               f"{r['moe_expert_loop_tok_s']:>9,.0f} ({r['moe_expert_loop_tok_s'] / dense:4.2f}x), "
               f"dense {dense:>9,.0f}; "
               f"active params {r['moe_active_params']:,} vs {r['dense_params']:,}")
+    met = all(r["moe_vectorized_tok_s"] >= 0.5 * r["dense_tok_s"] for r in layer_rows)
+    print(f"  floor, the MoE layer (vectorized) >= 0.5x the dense FFN's tokens/s: "
+          f"{'met' if met else 'NOT met'} in {'every row' if met else 'some rows'}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -73,13 +73,6 @@ def _matching_q_rank(mla: ModelConfig, target: int) -> int:
     return max(8, round((target - fixed) / per_rank / 8) * 8)
 
 
-def prepare(model: CourseModel) -> CourseModel:
-    """Route MoE tokens expert by expert: the fastest dispatch for training on a CPU (notebook 04)."""
-    for m in moe_layers(model):
-        m.dispatch = "expert_loop"
-    return model
-
-
 def train_nano_deepseek(profile, *, seed: int = 0, name: str | None = None, on_load=None, then=None,
                         progress: bool = True, device=None, config: ModelConfig | None = None):
     """Pretrain nano-DeepSeek with the baseline's recipe (`train.pretrain_on_task`: same data, steps and
@@ -88,7 +81,7 @@ def train_nano_deepseek(profile, *, seed: int = 0, name: str | None = None, on_l
     from .train import pretrain_on_task
 
     torch.manual_seed(seed)
-    model = prepare(CourseModel(config or nano_deepseek_config(profile)))
+    model = CourseModel(config or nano_deepseek_config(profile))
     tracker = LoadTracker(model, gamma=BIAS_GAMMA, on_load=on_load, then=then)
     model, result, tok, train_problems, eval_problems = pretrain_on_task(
         None, profile, name=name, seed=seed, callback=tracker, progress=progress, device=device, model=model,

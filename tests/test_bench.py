@@ -96,12 +96,20 @@ def test_cli_prints_ratios_and_floors(monkeypatch, capsys):
     assert "floor, absorbed >= 2x faster than naive at 4096 cached tokens: NOT met, 1.5x at 4096" in out
     assert "MLA/MHA = 0.125" in out and "2 round-robin repeat(s)" in out
     row = {"experts": 8, "top_k": 2, "tokens": 1280, "pass": "forward", "load_max_over_mean": 1.1,
-           "vectorized_tok_s": 600.0, "token_loop_tok_s": 100.0, "expert_loop_tok_s": 500.0}
+           "vectorized_tok_s": 600.0, "token_loop_tok_s": 100.0, "expert_loop_tok_s": 500.0, "padded_tok_s": 400.0}
+    layer = {"experts": 8, "top_k": 2, "tokens": 1280, "pass": "forward", "moe_active_params": 10, "dense_params": 10,
+             "moe_vectorized_tok_s": 60.0, "moe_expert_loop_tok_s": 40.0, "dense_tok_s": 100.0}
     monkeypatch.setattr(benchmarks, "dispatch_speed", lambda *a: [row])
-    monkeypatch.setattr(benchmarks, "moe_vs_dense", lambda *a: [])
+    monkeypatch.setattr(benchmarks, "moe_vs_dense", lambda *a: [layer])
     benchmarks.main(["moe"])
     out = capsys.readouterr().out
-    assert "vectorized/token   6.0x" in out and "vectorized/expert 1.20x" in out and ": met in every row" in out
+    assert "vectorized/token   6.0x" in out and "vectorized/expert 1.20x" in out and "padded       400" in out
+    assert "0.60x dense" in out and "NOT met" not in out and out.count(": met in every row") == 2
     monkeypatch.setattr(benchmarks, "dispatch_speed", lambda *a: [{**row, "expert_loop_tok_s": 700.0}])
     benchmarks.main(["moe"])
     assert "NOT met in some rows" in capsys.readouterr().out
+    monkeypatch.setattr(benchmarks, "dispatch_speed", lambda *a: [row])
+    monkeypatch.setattr(benchmarks, "moe_vs_dense", lambda *a: [{**layer, "moe_vectorized_tok_s": 45.0}])
+    benchmarks.main(["moe"])
+    out = capsys.readouterr().out
+    assert "the MoE layer (vectorized) >= 0.5x the dense FFN's tokens/s: NOT met in some rows" in out

@@ -5,8 +5,8 @@ What is asserted:
   e_score_correction_bias, loaded through the packed-layout loader): same selected experts, same
   weights, same output to 1e-5, for every dispatch, with n_group > 1 and topk_group < n_group,
   norm_topk_prob on and off, routed_scaling_factor != 1; pack(unpack(sd)) gives sd back.
-- the three dispatches give the same output and the same gradients; the vectorized one also with
-  skewed routing (mostly padding rows) and idle experts, and with no tokens at all.
+- the four dispatches give the same output and the same gradients; the vectorized and padded ones also
+  with skewed routing (idle experts, mostly padding rows) and with no tokens at all.
 - the bias changes which expert is picked but not the weight it gets (hand case); group-limited
   routing by top-2 sum (V3) and by max (V2) pick what the hand computation says.
 - normalized weights sum to routed_scaling_factor; the softmax path is top-K of softmax.
@@ -146,7 +146,7 @@ def test_pack_unpack_round_trip():
 # ---------------------------------------------------------------- dispatch
 
 
-def test_three_dispatches_agree_in_output_and_gradient():
+def test_all_dispatches_agree_in_output_and_gradient():
     torch.manual_seed(1)
     moe = DeepSeekMoE(moe_config(n_routed_experts=8, num_experts_per_tok=3, n_group=2, topk_group=1,
                                  routed_scaling_factor=2.5))
@@ -164,7 +164,7 @@ def test_three_dispatches_agree_in_output_and_gradient():
         grads = [x.grad] + [p.grad if p.grad is not None else torch.zeros_like(p) for p in moe.parameters()]
         results[name] = (out.detach(), grads)
     ref_out, ref_grads = results["vectorized"]
-    for name in ("token_loop", "expert_loop"):
+    for name in set(DISPATCHES) - {"vectorized"}:
         out, grads = results[name]
         torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
         for g, rg in zip(grads, ref_grads):
@@ -174,9 +174,13 @@ def test_three_dispatches_agree_in_output_and_gradient():
         moe(x0)
 
 
-def test_vectorized_dispatch_with_padding_and_idle_experts():
-    """Skewed routing: expert 0 takes every token, experts 4-7 none, so most buffer rows are padding."""
-    from course_lib.moe import dispatch_expert_loop, dispatch_vectorized
+@pytest.mark.parametrize("name", ["vectorized", "padded"])
+def test_sorted_dispatches_with_skewed_routing_and_idle_experts(name):
+    """Skewed routing: expert 0 takes every token, experts 4-7 none (empty segments; for the padded
+    dispatch most buffer rows are padding)."""
+    from course_lib.moe import _DISPATCH_FNS, dispatch_expert_loop
+
+    dispatch = _DISPATCH_FNS[name]
 
     torch.manual_seed(2)
     experts = nn.ModuleList(SwiGLU(16, 8) for _ in range(8))
@@ -184,7 +188,7 @@ def test_vectorized_dispatch_with_padding_and_idle_experts():
     topk_idx = torch.stack([torch.zeros(N, dtype=torch.long), torch.randint(1, 4, (N,))], dim=1)  # (N, 2)
     topk_weight = torch.rand(N, 2, requires_grad=True)
     results = []
-    for fn in (dispatch_expert_loop, dispatch_vectorized):
+    for fn in (dispatch_expert_loop, dispatch):
         experts.zero_grad()
         topk_weight.grad = None
         x = torch.randn(N, 16, generator=torch.Generator().manual_seed(0)).requires_grad_()
@@ -198,7 +202,7 @@ def test_vectorized_dispatch_with_padding_and_idle_experts():
     for g, rg in zip(grads, ref_grads):
         torch.testing.assert_close(g, rg, atol=1e-6, rtol=0)
     assert all(p.grad is None or not p.grad.any() for e in experts[4:] for p in e.parameters())
-    empty = dispatch_vectorized(experts, torch.randn(0, 16), topk_idx[:0], topk_weight[:0])
+    empty = dispatch(experts, torch.randn(0, 16), topk_idx[:0], topk_weight[:0])
     assert empty.shape == (0, 16)
 
 
