@@ -610,16 +610,19 @@ def grpo_recipe(profile, eval_problems: list, seed: int = 0, steps: int | None =
     return cfg, pool, make_reward(accuracy_weight=1.0, format_weight=0.5)
 
 
-def seed_sweep(seeds, steps: int | None = None, profile: str | None = None, progress: bool = False) -> list[dict]:
-    """Notebook 07's recipe for each seed: pretrain the baseline (``train.pretrain_on_task``), measure,
-    run GRPO with ``grpo_recipe``, measure again. Returns one row of numbers per seed."""
+def seed_sweep(seeds, steps: int | None = None, profile: str | None = None, progress: bool = False,
+               pretrain_steps: int | None = None) -> list[dict]:
+    """Notebook 07's recipe for each seed: pretrain the baseline (``train.pretrain_on_task``; with
+    ``pretrain_steps``, longer or shorter than the profile's), measure, run GRPO with ``grpo_recipe``,
+    measure again. Returns one row of numbers per seed."""
     from .profiles import get_profile
     from .train import pretrain_on_task
 
     prof = get_profile(profile)
     rows = []
     for seed in seeds:
-        model, _, tok, _, eval_problems = pretrain_on_task(prof.baseline_config(), prof, seed=seed, progress=progress)
+        model, _, tok, _, eval_problems = pretrain_on_task(prof.baseline_config(), prof, seed=seed, progress=progress,
+                                                           steps=pretrain_steps)
         before, _ = evaluate_policy(model, tok, eval_problems, 64)
         cfg, pool, reward = grpo_recipe(prof, eval_problems, seed, steps)
         result = train_grpo(model, tok, pool, cfg, reward_fn=reward, progress=progress)
@@ -637,8 +640,10 @@ if __name__ == "__main__":  # python -m course_lib.grpo --seeds 3
     parser.add_argument("--seeds", type=int, default=3, help="how many seeds (0, 1, ...)")
     parser.add_argument("--steps", type=int, default=None, help="GRPO steps (default: the profile's)")
     parser.add_argument("--profile", default=None, help="cpu or gpu (default: $COURSE_PROFILE, else by device)")
+    parser.add_argument("--pretrain-steps", type=int, default=None,
+                        help="pretraining steps of the starting model (default: the profile's)")
     args = parser.parse_args()
     print(f"{'seed':>4} {'acc before':>10} {'acc after':>10} {'format before':>14} {'format after':>13} {'GRPO s':>7}")
-    for row in seed_sweep(range(args.seeds), args.steps, args.profile, progress=True):
+    for row in seed_sweep(range(args.seeds), args.steps, args.profile, progress=True, pretrain_steps=args.pretrain_steps):
         print(f"{row['seed']:>4} {row['accuracy_before']:>10.1%} {row['accuracy_after']:>10.1%} "
               f"{row['format_before']:>14.1%} {row['format_after']:>13.1%} {row['grpo_seconds']:>7.0f}", flush=True)

@@ -618,13 +618,19 @@ def test_seed_sweep_runs_the_recipe(monkeypatch):
 
     real = train.pretrain_on_task
 
-    def tiny_pretrain(config, profile, **kw):
+    asked = []
+
+    def tiny_pretrain(config, profile, *, steps=None, **kw):
+        asked.append(steps)
         small = config.replace(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
-        return real(small, profile, steps=20, **kw)
+        return real(small, profile, steps=steps or 20, **kw)
 
     monkeypatch.setattr(train, "pretrain_on_task", tiny_pretrain)
     from course_lib.grpo import seed_sweep
 
     rows = seed_sweep([0, 1], steps=1, profile="cpu")
+    assert asked == [None, None]  # the profile's pretraining unless told otherwise
+    seed_sweep([0], steps=1, profile="cpu", pretrain_steps=25)
+    assert asked[-1] == 25
     assert [r["seed"] for r in rows] == [0, 1]
     assert all(0.0 <= r[k] <= 1.0 for r in rows for k in ("accuracy_before", "accuracy_after", "format_after"))
