@@ -20,12 +20,12 @@ setup-test: $(VENV)/.test-installed
 
 $(VENV)/.course-installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)" $(TORCH_ARGS)
-	$(PIP) install -q -e .
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) install --no-compile -q "$(TORCH_SPEC)" $(TORCH_ARGS)
+	$(PIP) install --no-compile -q -e .
 	@touch $@
 
 $(VENV)/.test-installed: $(VENV)/.course-installed
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install --no-compile -q -e ".[test]"
 	@touch $@
 
 lab: setup
