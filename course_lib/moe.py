@@ -168,8 +168,8 @@ def dispatch_vectorized(experts: nn.ModuleList, x: torch.Tensor, topk_idx: torch
 
 
 def dispatch_padded(experts: nn.ModuleList, x: torch.Tensor, topk_idx: torch.Tensor,
-                        topk_weight: torch.Tensor) -> torch.Tensor:
-    """Routed output (N, hidden) with no Python loop at all: sort slots by expert, pad, batched matmuls, scatter-add.
+                    topk_weight: torch.Tensor) -> torch.Tensor:
+    """Routed output (N, hidden) with no Python loop: sort slots by expert, pad, batched matmuls, scatter-add.
 
     The N·K token-slots are sorted by expert id so each expert's slots are contiguous, then laid into a
     padded buffer of E·C rows (C = the busiest expert's count): row e·C + p holds the p-th token of expert
@@ -181,9 +181,9 @@ def dispatch_padded(experts: nn.ModuleList, x: torch.Tensor, topk_idx: torch.Ten
     capacity-factor MoE fixes C in advance and drops what does not fit (`capacity_drop`), grouped-GEMM
     kernels skip the padding. On a CPU its large temporaries (about 10 MB for 1,280 tokens of width 128) can
     be handed back to the OS by malloc after each call and page-faulted in again by the next, which the
-    per-expert loop's small ones avoid: the loop can win a forward pass, and `dispatch_vectorized`, with no padding and no weight copies,
-    wins on a CPU. This is the shape of what GPU kernels do. Assumes SwiGLU experts (gate_proj, up_proj,
-    down_proj).
+    per-expert loop's small ones avoid: the loop can win a forward pass, and `dispatch_vectorized` (no
+    padding, no copies of the weights) wins on a CPU; one launch for all experts is what suits a GPU.
+    Assumes SwiGLU experts (gate_proj, up_proj, down_proj).
     """
     N, K = topk_idx.shape
     E, d = len(experts), x.shape[-1]
