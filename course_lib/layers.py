@@ -5,8 +5,6 @@ Shapes: B batch, T new tokens, H heads, D head width.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -82,28 +80,3 @@ def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor:
     q_pos = torch.arange(S - T, S, device=device)[:, None]  # (T, 1)
     k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
     return k_pos <= q_pos  # (T, S)
-
-
-def attention_mask(T: int, S: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
-    """The `attn_mask` for T new queries over S keys: None for one new token (it may see everything
-    cached), else the causal mask.
-
-    For a few new tokens (speculative verification, chunked decoding) the mask is built once, as 0 / -inf
-    in the queries' dtype, and shared by every layer and step: SDPA turns a boolean mask into exactly
-    that, so the result is the same, minus work a small model's decoding notices. Longer inputs
-    (training, prefill) get the boolean mask. Treat the result as read-only.
-    """
-    if T == 1:
-        return None
-    if T <= 8 and S <= 4096:
-        return _cached_additive_mask(T, S, torch.device(device), dtype)
-    return causal_mask(T, S, device)
-
-
-def _additive_mask(T: int, S: int, device, dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros(T, S, device=device, dtype=dtype).masked_fill(~causal_mask(T, S, device), float("-inf"))
-
-
-@functools.lru_cache(maxsize=512)
-def _cached_additive_mask(T: int, S: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return _additive_mask(T, S, device, dtype)

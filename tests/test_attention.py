@@ -19,11 +19,9 @@ What is asserted (float32, seeded tiny configs, tolerance 1e-5):
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from course_lib.attention import KVCache, MLACache, MultiHeadLatentAttention
 from course_lib.config import ModelConfig
-from course_lib.layers import attention_mask, causal_mask
 from course_lib.model import CourseModel, build_attention
 from course_lib.train import generate
 
@@ -354,19 +352,3 @@ def test_decoding_past_the_rope_table_says_how_to_fix():
     attn(inputs(attn.config, T=8), cache)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         attn(inputs(attn.config, T=1), cache)
-
-
-@pytest.mark.parametrize("T,S", [(2, 2), (2, 40), (5, 17), (8, 300), (30, 30)])
-def test_attention_mask_gives_exactly_the_boolean_masks_attention(T, S):
-    """The cached additive mask of short inputs changes nothing: SDPA's output is bit for bit the boolean mask's."""
-    g = torch.Generator().manual_seed(T * 1000 + S)
-    q, k, v = (torch.randn(1, 2, n, 8, generator=g) for n in (T, S, S))
-    mask = attention_mask(T, S, q.device, q.dtype)
-    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, q.device))
-    assert torch.equal(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), expected)
-    assert (mask.dtype == torch.bool) == (T > 8)  # long inputs (training, prefill) keep the boolean mask
-    assert attention_mask(1, S, q.device, q.dtype) is None  # one new token sees everything cached
-
-
-def test_short_masks_are_built_once():
-    assert attention_mask(2, 33, "cpu", torch.float32) is attention_mask(2, 33, torch.device("cpu"), torch.float32)
