@@ -611,10 +611,12 @@ def grpo_recipe(profile, eval_problems: list, seed: int = 0, steps: int | None =
 
 
 def seed_sweep(seeds, steps: int | None = None, profile: str | None = None, progress: bool = False,
-               pretrain_steps: int | None = None) -> list[dict]:
+               pretrain_steps: int | None = None, variant: str | None = None) -> list[dict]:
     """Notebook 07's recipe for each seed: pretrain the baseline (``train.pretrain_on_task``; with
-    ``pretrain_steps``, longer or shorter than the profile's), measure, run GRPO with ``grpo_recipe``,
-    measure again. Returns one row of numbers per seed."""
+    ``pretrain_steps``, longer or shorter than the profile's), measure, run GRPO with ``grpo_recipe``
+    (with ``variant``, one of ``VARIANTS`` switched on), measure again. Returns one row of numbers per seed."""
+    if variant is not None and variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}: use one of {sorted(VARIANTS)}.")
     from .profiles import get_profile
     from .train import pretrain_on_task
 
@@ -625,6 +627,7 @@ def seed_sweep(seeds, steps: int | None = None, profile: str | None = None, prog
                                                            steps=pretrain_steps)
         before, _ = evaluate_policy(model, tok, eval_problems, 64)
         cfg, pool, reward = grpo_recipe(prof, eval_problems, seed, steps)
+        cfg = cfg.variant(variant) if variant else cfg
         result = train_grpo(model, tok, pool, cfg, reward_fn=reward, progress=progress)
         after, _ = evaluate_policy(model, tok, eval_problems, 64)
         rows.append({"seed": seed, "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
@@ -642,8 +645,12 @@ if __name__ == "__main__":  # python -m course_lib.grpo --seeds 3
     parser.add_argument("--profile", default=None, help="cpu or gpu (default: $COURSE_PROFILE, else by device)")
     parser.add_argument("--pretrain-steps", type=int, default=None,
                         help="pretraining steps of the starting model (default: the profile's)")
+    parser.add_argument("--variant", default=None, choices=sorted(VARIANTS),
+                        help="turn on one of the GRPO variants (default: plain GRPO)")
     args = parser.parse_args()
+    print(f"GRPO variant: {args.variant or 'grpo'}")
     print(f"{'seed':>4} {'acc before':>10} {'acc after':>10} {'format before':>14} {'format after':>13} {'GRPO s':>7}")
-    for row in seed_sweep(range(args.seeds), args.steps, args.profile, progress=True, pretrain_steps=args.pretrain_steps):
+    for row in seed_sweep(range(args.seeds), args.steps, args.profile, progress=True, pretrain_steps=args.pretrain_steps,
+                          variant=args.variant):
         print(f"{row['seed']:>4} {row['accuracy_before']:>10.1%} {row['accuracy_after']:>10.1%} "
               f"{row['format_before']:>14.1%} {row['format_after']:>13.1%} {row['grpo_seconds']:>7.0f}", flush=True)

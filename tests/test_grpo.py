@@ -634,3 +634,16 @@ def test_seed_sweep_runs_the_recipe(monkeypatch):
     assert asked[-1] == 25
     assert [r["seed"] for r in rows] == [0, 1]
     assert all(0.0 <= r[k] <= 1.0 for r in rows for k in ("accuracy_before", "accuracy_after", "format_after"))
+
+    import course_lib.grpo as grpo
+
+    configs = []
+    real_train = grpo.train_grpo
+    monkeypatch.setattr(grpo, "train_grpo", lambda model, tok, pool, cfg, **kw: configs.append(cfg) or real_train(
+        model, tok, pool, cfg, **kw))
+    seed_sweep([0], steps=1, profile="cpu", variant="dr_grpo")
+    seed_sweep([0], steps=1, profile="cpu")
+    assert (configs[0].scale_rewards, configs[0].aggregation) == (False, "dr_grpo")  # the switch reached the trainer
+    assert (configs[1].scale_rewards, configs[1].aggregation) == (True, "sequence")
+    with pytest.raises(ValueError, match="unknown variant"):
+        seed_sweep([0], steps=1, profile="cpu", variant="ppo")
