@@ -399,11 +399,13 @@ class GRPOConfig:
                                       # P groups with a reward spread are found ([DAPO] §3.2 dynamic sampling)
     same_length_prompts: bool = True  # one prompt length per step: one batch on the cache, no padding
     track_kl: bool = True             # measure KL to the reference even when beta = 0 (one extra forward)
+    kl_every: int = 1                 # with beta = 0, measure it every this many steps only (NaN between)
     checkpoint_every: int = 20
     seed: int = 0                     # seeds prompt choice and sampling, per step (exact resume)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "prompts_per_step", "max_new_tokens", "mu", "checkpoint_every", "sampling_rounds"):
+        for name in ("steps", "prompts_per_step", "max_new_tokens", "mu", "checkpoint_every", "sampling_rounds",
+                     "kl_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1.")
         if self.group_size < 2:
@@ -412,6 +414,9 @@ class GRPOConfig:
             raise ValueError(f"temperature={self.temperature}: RL needs sampling, use a temperature > 0 (e.g. 1.0).")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation={self.aggregation!r}: use one of {AGGREGATIONS}.")
+        if self.beta and self.kl_every != 1:
+            raise ValueError(f"kl_every={self.kl_every} with beta={self.beta}: the KL term needs the reference at "
+                             "every step. Use kl_every=1, or beta=0 to only watch the KL.")
         if self.lr <= 0 or not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(f"need lr > 0 and 0 <= warmup_steps <= steps, got lr={self.lr}, "
                              f"warmup_steps={self.warmup_steps}, steps={self.steps}.")
@@ -524,7 +529,7 @@ def grpo_step(model, optimizer, ref_model, tok, problems: list, cfg: GRPOConfig,
         return stats, rollout
     ref_logp = old_logp = None
     with torch.no_grad():
-        if ref_model is not None:
+        if ref_model is not None and (cfg.beta or step % cfg.kl_every == 0):  # with beta = 0 only a statistic
             ref_logp = completion_logprobs(ref_model, rollout, cfg.temperature)
         if cfg.mu > 1:  # π_θold: the policy that sampled, fixed for all μ steps
             old_logp = completion_logprobs(model, rollout, cfg.temperature)

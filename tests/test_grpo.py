@@ -13,6 +13,7 @@ What is asserted:
 """
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -301,6 +302,7 @@ def test_old_logp_ref_logp_and_adv_are_constants():
 # - grpo_step: one step with a hand-made reward raises the rewarded completion's probability and lowers
 #   the others'; mu sets the number of optimizer steps.
 # - train_grpo: an interrupted and resumed run equals an uninterrupted one (weights and stats).
+#   kl_every measures the KL on every n-th step only and leaves the trained weights unchanged (beta = 0).
 # - batch_loss switches, each against the hand formula of its per-token weight: scale_rewards (std),
 #   dr_grpo (constant normalizer), token-level, clip-higher (only A>0 tokens above 1+eps_low move),
 #   zero-variance filtering (tied rows leave every normalizer); variant() changes only its fields.
@@ -439,6 +441,29 @@ def test_mu_sets_the_number_of_updates_per_rollout():
         assert steps == {mu} and stats["updated"] == mu
         if mu > 1:  # later inner steps move away from π_θold: ratios leave 1, the clip can act
             assert stats["clip_frac"] >= 0.0 and stats["loss"] == stats["loss"]
+
+
+def test_kl_every_skips_the_reference_forward_without_changing_training():
+    problems, _ = addition_splits(32, 8, digits=2, seed=0)
+    cfg = GRPOConfig(steps=4, prompts_per_step=4, group_size=4, max_new_tokens=12, lr=1e-2, warmup_steps=2)
+
+    def reward(text, problem):
+        return text.count("1") / 4 + make_reward()(text, problem)
+
+    runs = {}
+    for every in (1, 3):
+        model, tok = tiny_model(stop_bias=1.0)
+        runs[every] = model, train_grpo(model, tok, problems, replace(cfg, kl_every=every), reward_fn=reward,
+                                        progress=False).history
+    (every_step, h1), (sparse, h3) = runs[1], runs[3]
+    assert [h["kl"] == h["kl"] for h in h3] == [True, False, False, True]  # measured at steps 0 and 3 only
+    assert [h1[i]["kl"] for i in (0, 3)] == [h3[i]["kl"] for i in (0, 3)] and h3[3]["kl"] > 0
+    for (name, a), b in zip(every_step.state_dict().items(), sparse.state_dict().values()):
+        assert torch.equal(a, b), name  # with beta = 0 the reference is only watched, never trained against
+    with pytest.raises(ValueError, match="kl_every"):
+        GRPOConfig(beta=0.04, kl_every=5)
+    with pytest.raises(ValueError, match="kl_every"):
+        GRPOConfig(kl_every=0)
 
 
 class Interrupt(Exception):
