@@ -258,6 +258,12 @@ GRPO_METRIC_TITLES = {"reward": "reward", "accuracy": "accuracy (sampled)", "for
                       "truncation_rate": "truncated", "kl": "KL to reference (k3)", "entropy": "entropy (nats/token)"}
 
 
+def _gaps(values: list[float]) -> list[float | None]:
+    """NaN/inf (a step that did not measure this, e.g. KL with `kl_every`) as None: a gap in the plot.
+    The widget sends its data as JSON, which has no NaN."""
+    return [v if v == v and abs(v) != float("inf") else None for v in values]
+
+
 def smoothed(values: list[float], window: int) -> list[float]:
     """Trailing moving average over the last ``window`` finite values (NaN where there are none yet)."""
     out = []
@@ -337,8 +343,8 @@ class TrainingDashboard:
             for i, m in enumerate(self.metrics):
                 raw = [h[m] for h in self.history]
                 dots, line = self.fig.data[2 * i], self.fig.data[2 * i + 1]
-                dots.x, dots.y = steps, raw
-                line.x, line.y = steps, smoothed(raw, self.window)
+                dots.x, dots.y = steps, _gaps(raw)
+                line.x, line.y = steps, _gaps(smoothed(raw, self.window))
         self.draws += 1
 
     def finish(self, n: int = 6) -> list[tuple]:

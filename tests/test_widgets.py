@@ -1,3 +1,5 @@
+import json
+
 import plotly.io as pio
 
 from course_lib import widgets
@@ -124,6 +126,17 @@ def test_training_dashboard_redraws_at_a_bounded_rate_and_prints_the_table(capsy
     assert list(dash.fig.data[1].y) == [s / 10 for s in range(20)] and rows[-1][0] == 19
     out = capsys.readouterr().out.splitlines()
     assert out[1].split()[0] == "step" and out[-1].split()[:2] == ["19", "1.900"]
+
+
+def test_training_dashboard_draws_unmeasured_steps_as_gaps():
+    # KL measured on every other step only (GRPOConfig.kl_every): NaN must not reach the widget's JSON
+    dash = widgets.TrainingDashboard(every=1, min_interval=0.0, window=2, live=False)
+    for step in range(4):
+        dash(step, {"reward": 1.0, "kl": 0.1 * step if step % 2 == 0 else float("nan")})
+    kl = widgets.GRPO_METRICS.index("kl")
+    assert list(dash.fig.data[2 * kl].y) == [0.0, None, 0.2, None]  # the dots
+    assert list(dash.fig.data[2 * kl + 1].y) == pytest.approx([0.0, 0.0, 0.2, 0.2])  # the moving average
+    json.dumps(dash.fig.to_plotly_json()["data"], allow_nan=False)  # raises on NaN
 
 
 @pytest.mark.parametrize("text, kinds", [
