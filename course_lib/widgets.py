@@ -9,6 +9,7 @@ also prints a small table of the same numbers when it finishes.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -261,14 +262,14 @@ GRPO_METRIC_TITLES = {"reward": "reward", "accuracy": "accuracy (sampled)", "for
 def _gaps(values: list[float]) -> list[float | None]:
     """NaN/inf (a step that did not measure this, e.g. KL with `kl_every`) as None: a gap in the plot.
     The widget sends its data as JSON, which has no NaN."""
-    return [v if v == v and abs(v) != float("inf") else None for v in values]
+    return [v if math.isfinite(v) else None for v in values]
 
 
 def smoothed(values: list[float], window: int) -> list[float]:
     """Trailing moving average over the last ``window`` finite values (NaN where there are none yet)."""
     out = []
     for i in range(len(values)):
-        recent = [v for v in values[max(0, i - window + 1):i + 1] if v == v and abs(v) != float("inf")]
+        recent = [v for v in values[max(0, i - window + 1):i + 1] if math.isfinite(v)]
         out.append(sum(recent) / len(recent) if recent else float("nan"))
     return out
 
