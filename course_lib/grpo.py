@@ -633,6 +633,7 @@ def seed_sweep(seeds, steps: int | None = None, profile: str | None = None, prog
         before, _ = evaluate_policy(model, tok, eval_problems, 64)
         cfg, pool, reward = grpo_recipe(prof, eval_problems, seed, steps)
         cfg = cfg.variant(variant) if variant else cfg
+        cfg = replace(cfg, track_kl=False)  # the sweep reports no KL: skip the reference model's forward
         result = train_grpo(model, tok, pool, cfg, reward_fn=reward, progress=progress)
         after, _ = evaluate_policy(model, tok, eval_problems, 64)
         rows.append({"seed": seed, "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],

@@ -670,5 +670,6 @@ def test_seed_sweep_runs_the_recipe(monkeypatch):
     seed_sweep([0], steps=1, profile="cpu")
     assert (configs[0].scale_rewards, configs[0].aggregation) == (False, "dr_grpo")  # the switch reached the trainer
     assert (configs[1].scale_rewards, configs[1].aggregation) == (True, "sequence")
+    assert not any(c.track_kl for c in configs)  # the sweep reports no KL, so it skips the reference forward
     with pytest.raises(ValueError, match="unknown variant"):
         seed_sweep([0], steps=1, profile="cpu", variant="ppo")
