@@ -19,7 +19,7 @@ from einops import rearrange, repeat
 from torch import nn
 
 from .config import ModelConfig
-from .layers import RMSNorm, RotaryEmbedding, causal_mask
+from .layers import RMSNorm, RotaryEmbedding, causal_bias, causal_mask
 
 
 class KVCache:
@@ -86,7 +86,7 @@ class CausalSelfAttention(nn.Module):
         k = repeat(k, "b h s d -> b (h g) s d", g=groups)  # (B, H, S, D): query head h*g+i reads K/V head h
         v = repeat(v, "b h s d -> b (h g) s d", g=groups)  # (B, H, S, D)
         S = k.shape[2]
-        mask = None if T == 1 else causal_mask(T, S, x.device)  # one new token may see everything cached
+        mask = None if T == 1 else causal_bias(T, S, x.device, q.dtype)  # one new token may see everything cached
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
         return self.o_proj(rearrange(out, "b h t d -> b t (h d)"))  # (B, T, hidden)
 

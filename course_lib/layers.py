@@ -5,6 +5,8 @@ Shapes: B batch, T new tokens, H heads, D head width.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -75,8 +77,26 @@ class RotaryEmbedding(nn.Module):
         return rearrange(rotated, "... t d two -> ... t (d two)")  # (B, H, T, D)
 
 
+@functools.lru_cache(maxsize=256)
 def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor:
-    """Boolean (T, S) mask: new token i (at absolute position S-T+i) may see keys 0..S-T+i."""
+    """Boolean (T, S) mask: new token i (at absolute position S-T+i) may see keys 0..S-T+i.
+
+    Memoized: every layer of a forward, and every training step, asks for the same (T, S); building
+    it costs five small tensor ops, a visible share of a decoding step that feeds two tokens (the
+    verification of a speculative draft). The tensor is shared, so never modify it in place.
+    """
     q_pos = torch.arange(S - T, S, device=device)[:, None]  # (T, 1)
     k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
     return k_pos <= q_pos  # (T, S)
+
+
+@functools.lru_cache(maxsize=256)
+def causal_bias(T: int, S: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`causal_mask` as an additive float (T, S) mask: 0 where a key is visible, -inf where it is not.
+
+    What `scaled_dot_product_attention` turns a boolean mask into on every call (two more small ops);
+    passing it ready-made gives bitwise the same attention, forward and backward. Memoized and shared
+    like `causal_mask`.
+    """
+    mask = causal_mask(T, S, device)
+    return torch.zeros(T, S, device=device, dtype=dtype).masked_fill(~mask, float("-inf"))

@@ -145,6 +145,27 @@ def test_kv_cache_holds_keys_and_values_per_kv_head(name):
     assert cache.nbytes == 2 * cfg.kv_heads * cfg.resolved_head_dim * S * B * 4
 
 
+def test_causal_bias_is_the_boolean_mask_sdpa_would_build():
+    # the attention passes a ready-made additive mask; it must be bitwise what SDPA makes of the boolean one
+    import torch.nn.functional as F
+
+    from course_lib.layers import causal_bias, causal_mask
+
+    cpu = torch.device("cpu")
+    for T, S in ((2, 9), (6, 6)):  # a two-token verification on a cache; a training row
+        mask, bias = causal_mask(T, S, cpu), causal_bias(T, S, cpu, torch.float32)
+        assert mask[0].tolist() == [True] * (S - T + 1) + [False] * (T - 1)  # token 0 sees the cache and itself
+        assert torch.equal(bias == 0, mask) and torch.isinf(bias[~mask]).all() and (bias[~mask] < 0).all()
+        assert causal_mask(T, S, cpu) is mask and causal_bias(T, S, cpu, torch.float32) is bias  # memoized
+        gen = torch.Generator().manual_seed(T)
+        q, k, v = (torch.randn(2, 4, n, 8, generator=gen).requires_grad_() for n in (T, S, S))
+        outs = []
+        for m in (mask, bias):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+            outs.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v))))
+        assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
 @torch.no_grad()
 def test_model_cache_of_an_mla_model():
     cfg = CONFIGS["mla"].replace(num_hidden_layers=3)
