@@ -83,11 +83,13 @@ def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor:
 
     Memoized: every layer of a forward, and every training step, asks for the same (T, S); building
     it costs five small tensor ops, a visible share of a decoding step that feeds two tokens (the
-    verification of a speculative draft). The tensor is shared, so never modify it in place.
+    verification of a speculative draft). The tensor is shared, so never modify it in place. It is
+    built outside inference mode even when first asked for inside it, so later training can use it.
     """
-    q_pos = torch.arange(S - T, S, device=device)[:, None]  # (T, 1)
-    k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
-    return k_pos <= q_pos  # (T, S)
+    with torch.inference_mode(False):
+        q_pos = torch.arange(S - T, S, device=device)[:, None]  # (T, 1)
+        k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+        return k_pos <= q_pos  # (T, S)
 
 
 @functools.lru_cache(maxsize=256)
@@ -99,4 +101,5 @@ def causal_bias(T: int, S: int, device: torch.device, dtype: torch.dtype) -> tor
     like `causal_mask`.
     """
     mask = causal_mask(T, S, device)
-    return torch.zeros(T, S, device=device, dtype=dtype).masked_fill(~mask, float("-inf"))
+    with torch.inference_mode(False):  # as causal_mask: usable by autograd whenever it was first built
+        return torch.zeros(T, S, device=device, dtype=dtype).masked_fill(~mask, float("-inf"))

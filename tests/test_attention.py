@@ -164,6 +164,14 @@ def test_causal_bias_is_the_boolean_mask_sdpa_would_build():
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
             outs.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v))))
         assert all(torch.equal(a, b) for a, b in zip(*outs))
+    # first built under inference mode (as a learner's generation loop might), then trained through
+    causal_mask.cache_clear()
+    causal_bias.cache_clear()
+    with torch.inference_mode():
+        causal_bias(5, 5, cpu, torch.float32)
+    q = torch.randn(1, 2, 5, 8, requires_grad=True)
+    F.scaled_dot_product_attention(q, q, q, attn_mask=causal_bias(5, 5, cpu, torch.float32)).sum().backward()
+    assert q.grad is not None
 
 
 @torch.no_grad()
