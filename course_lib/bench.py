@@ -60,26 +60,50 @@ class Comparison:
 
 
 def compare_many(fns: dict[str, Callable[[], object]], warmup: int = 1, repeats: int = 5,
-                 clock: Callable[[], float] = time.perf_counter) -> dict[str, Timing]:
+                 clock: Callable[[], float] = time.perf_counter,
+                 number: int | dict[str, int] = 1) -> dict[str, Timing]:
     """Time several callables round-robin (a, b, c, a, b, c, ...), so drift in machine load hits all alike.
+
+    Each of the `repeats` samples times `number` back-to-back calls (one count for all, or one per name) and
+    records the time per call, as `timeit` does: a call of a few milliseconds, timed alone, is at the mercy
+    of one scheduler hiccup; a sample of tens of milliseconds averages those out, and the median over
+    samples drops the samples a busy neighbour spoiled.
 
     `clock=time.process_time` counts this process's CPU time instead of wall time: on a machine shared with
     other jobs it is much steadier, but it only means latency when torch runs one thread (set_num_threads(1)).
     """
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}.")
+    numbers = number if isinstance(number, dict) else {name: number for name in fns}
+    if repeats < 1 or warmup < 0 or any(numbers.get(name, 0) < 1 for name in fns):
+        raise ValueError(f"need repeats >= 1, warmup >= 0 and number >= 1 for every callable, got "
+                         f"repeats={repeats}, warmup={warmup}, number={number}.")
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            n = numbers[name]
             _sync()
             t0 = clock()
-            fn()
+            for _ in range(n):
+                fn()
             _sync()
-            times[name].append(clock() - t0)
+            times[name].append((clock() - t0) / n)
     return {name: Timing(statistics.median(ts), tuple(ts)) for name, ts in times.items()}
+
+
+def calls_per_sample(fns: dict[str, Callable[[], object]], target: float = 0.05,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, int]:
+    """For `compare_many(number=...)`: how many calls of each callable fill about `target` seconds, from one
+    timed call each (run it after a warm-up)."""
+    numbers = {}
+    for name, fn in fns.items():
+        _sync()
+        t0 = clock()
+        fn()
+        _sync()
+        numbers[name] = max(1, round(target / max(clock() - t0, 1e-9)))
+    return numbers
 
 
 def compare(fn_a: Callable[[], object], fn_b: Callable[[], object], warmup: int = 1, repeats: int = 5) -> Comparison:

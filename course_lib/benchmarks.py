@@ -12,7 +12,8 @@ moe (notebook 04):
 
 Each function returns rows, a list of dicts of plain numbers, which `main` prints; unit tests run them with
 quick=True (small sizes, one repeat) and check structure, never time. Weights are untrained: speed does not
-depend on them. Times are medians of callables measured round-robin (`bench.compare_many`).
+depend on them. Times are medians of callables measured round-robin (`bench.compare_many`), each sample about 50 ms of
+back-to-back calls.
 
 Letters: B batch, S cached tokens, H heads, D head width, C latent rank, Dr RoPE width, N tokens,
 E experts, K top-k, I expert width.
@@ -29,12 +30,12 @@ import torch
 from torch import nn
 
 from .attention import CausalSelfAttention, MultiHeadLatentAttention
-from .bench import compare_many
+from .bench import calls_per_sample, compare_many
 from .config import ModelConfig
 from .layers import SwiGLU
 from .model import CourseModel
 from .moe import DeepSeekMoE, dispatch_expert_loop, dispatch_padded, dispatch_token_loop, dispatch_vectorized
-from .profiles import get_profile
+from .profiles import get_profile, notebook_threads
 from .train import generate
 
 # notebook 03's MLA variant of the baseline: 8 heads, C = Dr = D = Dv = 16
@@ -51,9 +52,14 @@ DISPATCH_FNS = {"token_loop": dispatch_token_loop, "expert_loop": dispatch_exper
 
 
 def _time(fns: dict, quick: bool, repeats: int, clock, grad: bool = False) -> dict:
-    """compare_many with one warm-up round (none when quick), under no_grad unless the pass trains."""
+    """compare_many with one warm-up round, each sample about 50 ms of calls (quick: no warm-up, one call
+    per sample), under no_grad unless the pass trains."""
     with torch.set_grad_enabled(grad):
-        return compare_many(fns, warmup=0 if quick else 1, repeats=repeats, clock=clock)
+        if quick:
+            return compare_many(fns, warmup=0, repeats=repeats, clock=clock)
+        for fn in fns.values():  # warm-up
+            fn()
+        return compare_many(fns, warmup=0, repeats=repeats, clock=clock, number=calls_per_sample(fns, clock=clock))
 
 
 # ----------------------------------------------------------------------------- kv
@@ -251,7 +257,7 @@ def _header(device: str) -> str:
             f"load average {load:.1f} on {os.cpu_count()} CPUs")
 
 
-def report_kv(quick: bool, repeats: int, device: str, clock) -> None:
+def report_kv(quick: bool, repeats: int, device: str, clock, threads_given: bool = False) -> None:
     print("KV cache: greedy decode of the cpu profile's baseline model (untrained), cached vs uncached")
     for r in decode_speed(quick, repeats, device, clock):
         print(f"  {r['new_tokens']:>4} new tokens x {r['batch']}: cached {r['cached_tok_s']:>9,.0f} tok/s, "
@@ -277,7 +283,7 @@ def report_kv(quick: bool, repeats: int, device: str, clock) -> None:
     print(f"  MLA/MHA = {mla['relative_to_mha']:.3f}: MHA caches {1 / mla['relative_to_mha']:.1f}x more per token")
 
 
-def report_moe(quick: bool, repeats: int, device: str, clock) -> None:
+def report_moe(quick: bool, repeats: int, device: str, clock, threads_given: bool = False) -> None:
     print("MoE dispatch (routed experts only), tokens/s; hidden 128, expert width 88, the layer's own router")
     rows = dispatch_speed(quick, repeats, device, clock)
     for r in rows:
@@ -290,18 +296,30 @@ def report_moe(quick: bool, repeats: int, device: str, clock) -> None:
               for r in rows if r["experts"] >= 8)
     print(f"  floor, vectorized >= 5x the token loop and >= the expert loop with 8+ experts: "
           f"{'met' if met else 'NOT met'} in {'every row' if met else 'some rows'}")
-    print("\nMoE layer (router + 1 shared + top-K routed) vs dense SwiGLU of the same active width, tokens/s")
-    layer_rows = moe_vs_dense(quick, repeats, device, clock)
-    for r in layer_rows:
-        dense = r["dense_tok_s"]
-        print(f"  E={r['experts']:>2} K={r['top_k']} N={r['tokens']} {r['pass']:<16}: MoE vectorized "
-              f"{r['moe_vectorized_tok_s']:>9,.0f} ({r['moe_vectorized_tok_s'] / dense:4.2f}x dense), expert loop "
-              f"{r['moe_expert_loop_tok_s']:>9,.0f} ({r['moe_expert_loop_tok_s'] / dense:4.2f}x), "
-              f"dense {dense:>9,.0f}; "
-              f"active params {r['moe_active_params']:,} vs {r['dense_params']:,}")
-    met = all(r["moe_vectorized_tok_s"] >= 0.5 * r["dense_tok_s"] for r in layer_rows)
-    print(f"  floor, the MoE layer (vectorized) >= 0.5x the dense FFN's tokens/s: "
-          f"{'met' if met else 'NOT met'} in {'every row' if met else 'some rows'}")
+    # The ratio depends on the thread count: the dense FFN's three large matmuls use every thread, the MoE's
+    # many small per-expert ones gain little from a second. Without --threads, both the notebooks' setting
+    # (setup_notebook: half the usable cores) and torch's default (all of them) are measured.
+    default = torch.get_num_threads()
+    counts = [default] if threads_given else list(dict.fromkeys([notebook_threads(), default]))
+    for n in counts:
+        torch.set_num_threads(n)
+        which = "as asked" if threads_given else " and ".join(
+            label for label, m in (("the notebooks' setting", notebook_threads()), ("torch's default", default))
+            if m == n)
+        print(f"\nMoE layer (router + 1 shared + top-K routed) vs dense SwiGLU of the same active width, tokens/s; "
+              f"{n} thread(s), {which}")
+        layer_rows = moe_vs_dense(quick, repeats, device, clock)
+        for r in layer_rows:
+            dense = r["dense_tok_s"]
+            print(f"  E={r['experts']:>2} K={r['top_k']} N={r['tokens']} {r['pass']:<16}: MoE vectorized "
+                  f"{r['moe_vectorized_tok_s']:>9,.0f} ({r['moe_vectorized_tok_s'] / dense:4.2f}x dense), expert loop "
+                  f"{r['moe_expert_loop_tok_s']:>9,.0f} ({r['moe_expert_loop_tok_s'] / dense:4.2f}x), "
+                  f"dense {dense:>9,.0f}; "
+                  f"active params {r['moe_active_params']:,} vs {r['dense_params']:,}")
+        met = all(r["moe_vectorized_tok_s"] >= 0.5 * r["dense_tok_s"] for r in layer_rows)
+        print(f"  floor, the MoE layer (vectorized) >= 0.5x the dense FFN's tokens/s with {n} thread(s): "
+              f"{'met' if met else 'NOT met'} in {'every row' if met else 'some rows'}")
+    torch.set_num_threads(default)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -314,7 +332,8 @@ def main(argv: list[str] | None = None) -> None:
                        help="timed repeats per measurement (default 5; 1 with --quick)")
         p.add_argument("--quick", action="store_true", help="small sizes and one repeat: a smoke run in seconds")
         p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-        p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+        p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice; the MoE-vs-dense comparison "
+                            "then also runs at the notebooks' setting, half the usable cores)")
         p.add_argument("--clock", choices=CLOCKS, default="wall",
                        help="wall time (default), or this process's CPU time: steadier on a busy machine, "
                             "meaningful with --threads 1")
@@ -324,4 +343,5 @@ def main(argv: list[str] | None = None) -> None:
     repeats = args.repeats or (1 if args.quick else 5)
     print(_header(args.device) + f"; {args.clock} clock, medians of {repeats} round-robin repeat(s)"
           f"{', quick sizes' if args.quick else ''}\n")
-    {"kv": report_kv, "moe": report_moe}[args.bench](args.quick, repeats, args.device, CLOCKS[args.clock])
+    {"kv": report_kv, "moe": report_moe}[args.bench](args.quick, repeats, args.device, CLOCKS[args.clock],
+                                                     threads_given=args.threads is not None)

@@ -92,6 +92,12 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def notebook_threads() -> int:
+    """torch threads for the course's small models: half the usable cores, at least one, at most eight
+    (see `setup_notebook`)."""
+    return max(1, min(usable_cpus() // 2, 8))
+
+
 @dataclass(frozen=True)
 class NotebookSetup:
     device: torch.device
@@ -111,7 +117,7 @@ def setup_notebook(seed: int = 0, profile: str | None = None, quiet: bool = Fals
     seed_everything(seed)
     prof = get_profile(profile)
     device = pick_device()
-    threads = max(1, min(usable_cpus() // 2, 8))
+    threads = notebook_threads()
     torch.set_num_threads(threads)
     try:
         from .widgets import set_plotly_renderer

@@ -1,6 +1,7 @@
 import math
 
 import pytest
+import torch
 
 from course_lib import bench, benchmarks
 
@@ -39,6 +40,27 @@ def test_compare_many_runs_round_robin_on_the_given_clock():
                             "c": lambda: order.append("c")}, warmup=1, repeats=2, clock=lambda: next(ticks))
     assert order == ["a", "b", "c"] * 3
     assert list(t) == ["a", "b", "c"] and all(timing.times == (1, 1) for timing in t.values())
+
+
+def test_compare_many_times_number_calls_per_sample_and_reports_per_call():
+    calls = {"a": 0, "b": 0}
+    ticks = iter(range(0, 1000, 10))  # every clock read advances 10
+    t = bench.compare_many({"a": lambda: calls.__setitem__("a", calls["a"] + 1),
+                            "b": lambda: calls.__setitem__("b", calls["b"] + 1)},
+                           warmup=0, repeats=3, clock=lambda: next(ticks), number={"a": 5, "b": 2})
+    assert calls == {"a": 15, "b": 6}
+    assert t["a"].times == (2, 2, 2) and t["b"].times == (5, 5, 5)  # 10 per sample, over 5 or 2 calls
+    with pytest.raises(ValueError, match="number >= 1"):
+        bench.compare_many({"a": lambda: None}, number=0)
+    with pytest.raises(ValueError, match="number >= 1"):
+        bench.compare_many({"a": lambda: None, "b": lambda: None}, number={"a": 1})
+
+
+def test_calls_per_sample_fills_the_target():
+    ticks = iter([0.0, 0.01, 1.0, 1.0001, 2.0, 3.0])  # a takes 10 ms, b 0.1 ms, c a whole second
+    numbers = bench.calls_per_sample({"a": lambda: None, "b": lambda: None, "c": lambda: None}, target=0.05,
+                                     clock=lambda: next(ticks))
+    assert numbers == {"a": 5, "b": 500, "c": 1}
 
 
 # ---------------------------------------------------------------- python -m course_lib.bench kv|moe
@@ -101,15 +123,46 @@ def test_cli_prints_ratios_and_floors(monkeypatch, capsys):
              "moe_vectorized_tok_s": 60.0, "moe_expert_loop_tok_s": 40.0, "dense_tok_s": 100.0}
     monkeypatch.setattr(benchmarks, "dispatch_speed", lambda *a: [row])
     monkeypatch.setattr(benchmarks, "moe_vs_dense", lambda *a: [layer])
-    benchmarks.main(["moe"])
+    benchmarks.main(["moe", "--threads", "1"])
     out = capsys.readouterr().out
     assert "vectorized/token   6.0x" in out and "vectorized/expert 1.20x" in out and "padded       400" in out
     assert "0.60x dense" in out and "NOT met" not in out and out.count(": met in every row") == 2
+    assert "1 thread(s), as asked" in out and "with 1 thread(s): met" in out
     monkeypatch.setattr(benchmarks, "dispatch_speed", lambda *a: [{**row, "expert_loop_tok_s": 700.0}])
     benchmarks.main(["moe"])
     assert "NOT met in some rows" in capsys.readouterr().out
     monkeypatch.setattr(benchmarks, "dispatch_speed", lambda *a: [row])
     monkeypatch.setattr(benchmarks, "moe_vs_dense", lambda *a: [{**layer, "moe_vectorized_tok_s": 45.0}])
-    benchmarks.main(["moe"])
+    benchmarks.main(["moe", "--threads", "1"])
     out = capsys.readouterr().out
-    assert "the MoE layer (vectorized) >= 0.5x the dense FFN's tokens/s: NOT met in some rows" in out
+    assert "the MoE layer (vectorized) >= 0.5x the dense FFN's tokens/s with 1 thread(s): NOT met in some rows" in out
+
+
+def test_moe_cli_compares_layers_at_the_notebooks_threads_and_all_cores(monkeypatch, capsys):
+    """Without --threads the MoE-vs-dense rows are measured at the notebooks' thread count and at torch's
+    default, each with its own verdict, and torch's thread count is restored afterwards."""
+    seen = []
+    row = {"experts": 8, "top_k": 2, "tokens": 1280, "pass": "forward", "load_max_over_mean": 1.1,
+           "vectorized_tok_s": 600.0, "token_loop_tok_s": 100.0, "expert_loop_tok_s": 500.0, "padded_tok_s": 400.0}
+
+    def layers(*a):
+        seen.append(torch.get_num_threads())
+        ratio = 0.6 if torch.get_num_threads() == 1 else 0.4  # fewer threads slow the dense FFN more
+        return [{"experts": 8, "top_k": 2, "tokens": 1280, "pass": "forward", "moe_active_params": 10,
+                 "dense_params": 10, "moe_vectorized_tok_s": 100.0 * ratio, "moe_expert_loop_tok_s": 30.0,
+                 "dense_tok_s": 100.0}]
+
+    monkeypatch.setattr(benchmarks, "dispatch_speed", lambda *a: [row])
+    monkeypatch.setattr(benchmarks, "moe_vs_dense", layers)
+    monkeypatch.setattr(benchmarks, "notebook_threads", lambda: 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        benchmarks.main(["moe"])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    out = capsys.readouterr().out
+    assert seen == [1, 2]
+    assert "1 thread(s), the notebooks' setting" in out and "2 thread(s), torch's default" in out
+    assert "with 1 thread(s): met in every row" in out and "with 2 thread(s): NOT met in some rows" in out
