@@ -22,6 +22,10 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps  # transformers' name, so state dicts and reprs line up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype == torch.float32:
+            # torch's rms_norm: bitwise the formula below, forward and backward (tested), in fewer operations,
+            # which is most of a norm's cost when decoding one token on a CPU
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.variance_epsilon)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)

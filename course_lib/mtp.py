@@ -81,7 +81,11 @@ class MTPLayer(nn.Module):
 
     def forward(self, prev_hidden: torch.Tensor, next_embeds: torch.Tensor, cache=None) -> torch.Tensor:
         """h^k (B, T, d) from h^{k-1} (B, T, d) and Emb(t_{i+k}) (B, T, d), eqs (21)-(22)."""
-        x = torch.cat([self.enorm(next_embeds), self.hnorm(prev_hidden)], dim=-1)  # (B, T, 2d): [emb ; h], see module doc
+        return self.from_normed_embeds(prev_hidden, self.enorm(next_embeds), cache)  # (B, T, d)
+
+    def from_normed_embeds(self, prev_hidden: torch.Tensor, normed_embeds: torch.Tensor, cache=None) -> torch.Tensor:
+        """`forward` given RMSNorm(Emb(t_{i+k})) (B, T, d) already: a decoder looks these up in a table made once."""
+        x = torch.cat([normed_embeds, self.hnorm(prev_hidden)], dim=-1)  # (B, T, 2d): [emb ; h], see module doc
         return self.mtp_block(self.eh_proj(x), cache)  # (B, T, d)
 
 
@@ -235,6 +239,9 @@ class SpeculativeDecoder:
             self.cache = self.main.new_cache()
             self.mtp_caches = [layer.new_cache() for layer in model.mtp[:num_draft]]
             logits, h = self.main(prompt, self.cache, return_hidden=True)  # (1, P, V), (1, P, d)
+            # RMSNorm(Emb(v)) of every token v for each module: a row lookup per draft instead of an embedding
+            # and a norm (the norm is row by row, so the rows are the same numbers)
+            self.normed_embeds = [layer.enorm(self.main.embed_tokens.weight) for layer in model.mtp[:num_draft]]  # (V, d) each
         self.main_forwards += 1
         self.tokens: list[int] = prompt[0].tolist() + [int(logits[0, -1].argmax())]
         self.hidden = [h] + [h.new_zeros(1, 0, h.shape[-1]) for _ in range(num_draft)]  # h^0 .. h^m: (1, S_k, d)
@@ -254,7 +261,8 @@ class SpeculativeDecoder:
             layer, cache = self.model.mtp[k - 1], self.mtp_caches[k - 1]
             start = cache.seq_len
             ids = (self.tokens + drafts)[start + k:n - 1 + k]  # Emb(t_{i+k}) for i = start .. n-2; d_{k-1} last
-            h = layer(self.hidden[k - 1][:, start:n - 1], self.main.embed_tokens(self._ids(ids)), cache)  # (1, n-1-start, d)
+            normed = self.normed_embeds[k - 1][ids][None]  # (1, n-1-start, d): RMSNorm(Emb(t_{i+k}))
+            h = layer.from_normed_embeds(self.hidden[k - 1][:, start:n - 1], normed, cache)  # (1, n-1-start, d)
             if k < self.num_draft:  # module k+1 reads h^k; the last module's output is only drafted from
                 self.hidden[k] = torch.cat([self.hidden[k], h], dim=1)  # (1, n-1, d)
             drafts.append(self.propose(self.model.mtp_logits(h[:, -1], k)[0], k))

@@ -96,3 +96,24 @@ def test_tied_embeddings_share_one_tensor():
     m = tiny(tie_word_embeddings=True)
     assert m.lm_head.weight is m.embed_tokens.weight
     assert m.num_parameters() == sum(p.numel() for p in set(m.parameters()))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 128), (1, 2, 128), (32, 40, 128), (7, 13, 64), (85, 128)])
+def test_rms_norm_is_bitwise_the_formula_forward_and_backward(shape):
+    """RMSNorm's float32 fast path (torch's rms_norm) must give exactly x * rsqrt(mean(x^2) + eps) * w,
+    gradients included: training results and committed notebook outputs depend on it."""
+    from course_lib.layers import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(shape[-1], eps=1e-6)
+    norm.weight.data.normal_()
+    x = (3 * torch.randn(shape)).requires_grad_()
+    y = norm(x)
+    ref = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    assert torch.equal(y, ref)
+    g = torch.randn_like(y)
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(y, (x, norm.weight), g),
+                                                 torch.autograd.grad(ref, (x, norm.weight), g)))
+    half = norm.to(torch.bfloat16)(x.detach().bfloat16())  # other dtypes: computed in float32, cast back
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), ref.detach(), atol=0.05, rtol=0.02)

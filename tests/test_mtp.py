@@ -318,6 +318,36 @@ def test_rollback_leaves_every_cache_as_decoding_only_decided_tokens(trained, at
     assert rejected > 0  # some step rolled back
 
 
+@pytest.mark.parametrize("attention,D", [("mha", 2), ("mla", 2), ("mha", 1)])
+def test_drafts_are_what_each_module_predicts_from_the_decided_tokens(trained, attention, D):
+    """Every draft logit the decoder sees (made from its table of normed embeddings and its caches) is what
+    MTPLayer.forward computes for that position from the decided tokens and earlier drafts, recomputed whole."""
+    tok, ev, models = trained
+    m = models[attention, D]
+    seen = []
+
+    class Recording(SpeculativeDecoder):
+        def propose(self, logits, k):
+            seen.append((list(self.tokens), k, logits.clone()))
+            return super().propose(logits, k)
+
+    prompt = torch.tensor([tok.encode(ev[1].prompt, bos=True)])
+    speculative_generate(m, prompt, 30, stop_id=tok.stop_id, decoder_cls=Recording)
+    drafts = []
+    for tokens, k, logits in seen:
+        drafts = [] if k == 1 else drafts
+        seq = torch.tensor([tokens + drafts])  # decided tokens, then this step's drafts d_1 .. d_{k-1}
+        n = len(tokens)
+        with torch.no_grad():
+            h = m.main(seq[:, :n - 1], return_hidden=True)[1]  # (1, n-1, d): h^0 of the decided positions
+            for j in range(1, k + 1):  # module j at positions 0 .. n-2 reads Emb(t_{i+j})
+                h = m.mtp[j - 1](h, m.main.embed_tokens(seq[:, j:n - 1 + j]))  # (1, n-1, d)
+            expected = m.mtp_logits(h[:, -1], k)[0]  # (V,)
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+        drafts.append(int(logits.argmax()))
+    assert {k for _, k, _ in seen} == set(range(1, D + 1))
+
+
 def oracle_decoder(oracle, wrong):
     class Forced(SpeculativeDecoder):
         def propose(self, logits, k):
