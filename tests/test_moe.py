@@ -206,6 +206,39 @@ def test_sorted_dispatches_with_skewed_routing_and_idle_experts(name):
     assert empty.shape == (0, 16)
 
 
+def test_vectorized_adds_segments_back_bitwise_like_one_scatter_of_all_outputs():
+    """dispatch_vectorized adds each expert's segment into y on its own; the same sums in the same order as
+    concatenating every output and scattering once, so outputs and all gradients are bitwise equal (the
+    trained models of the MoE notebooks depend on that)."""
+    from course_lib.moe import dispatch_vectorized
+
+    def one_scatter(experts, x, topk_idx, topk_weight):
+        N, K = topk_idx.shape
+        order = topk_idx.flatten().argsort(stable=True)
+        token = order // K
+        counts = torch.bincount(topk_idx.flatten(), minlength=len(experts)).tolist()
+        outs = [e(seg) for e, seg in zip(experts, x.index_select(0, token).split(counts)) if seg.shape[0]]
+        out = torch.cat(outs) * topk_weight.flatten()[order, None]
+        return x.new_zeros(N, x.shape[-1]).index_add_(0, token, out)
+
+    torch.manual_seed(3)
+    experts = nn.ModuleList(SwiGLU(32, 24) for _ in range(16))
+    N, K = 300, 3
+    topk_idx = torch.rand(N, 16).topk(K, dim=-1).indices  # (N, K), distinct experts per token
+    topk_idx[:40] = torch.tensor([0, 1, 2])  # a busy expert and idle ones are both likely
+    weight0 = torch.rand(N, K)
+    x0 = torch.randn(N, 32)
+    results = []
+    for fn in (one_scatter, dispatch_vectorized):
+        experts.zero_grad(set_to_none=True)
+        x, w = x0.clone().requires_grad_(), weight0.clone().requires_grad_()
+        out = fn(experts, x, topk_idx, w)
+        (out * torch.linspace(-1, 1, 32)).sum().backward()
+        results.append([out.detach(), x.grad, w.grad] + [p.grad for p in experts.parameters() if p.grad is not None])
+    assert len(results[0]) == len(results[1])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 def test_forward_records_load_and_scores():
     moe = DeepSeekMoE(moe_config())
     moe(torch.randn(2, 5, 32))
