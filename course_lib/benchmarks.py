@@ -12,8 +12,8 @@ moe (notebook 04):
 
 Each function returns rows, a list of dicts of plain numbers, which `main` prints; unit tests run them with
 quick=True (small sizes, one repeat) and check structure, never time. Weights are untrained: speed does not
-depend on them. Times are medians of callables measured round-robin (`bench.compare_many`), each sample about 50 ms of
-back-to-back calls.
+depend on them. Times are medians of callables measured round-robin (`bench.compare_many`), each sample
+about 50 ms of back-to-back calls.
 
 Letters: B batch, S cached tokens, H heads, D head width, C latent rank, Dr RoPE width, N tokens,
 E experts, K top-k, I expert width.
@@ -332,8 +332,9 @@ def main(argv: list[str] | None = None) -> None:
                        help="timed repeats per measurement (default 5; 1 with --quick)")
         p.add_argument("--quick", action="store_true", help="small sizes and one repeat: a smoke run in seconds")
         p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-        p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice; the MoE-vs-dense comparison "
-                            "then also runs at the notebooks' setting, half the usable cores)")
+        p.add_argument("--threads", type=int, default=None,
+                       help="torch.set_num_threads (default: torch's choice; the MoE-vs-dense comparison then "
+                            "also runs at the notebooks' setting, half the usable cores)")
         p.add_argument("--clock", choices=CLOCKS, default="wall",
                        help="wall time (default), or this process's CPU time: steadier on a busy machine, "
                             "meaningful with --threads 1")
