@@ -61,13 +61,14 @@ class Comparison:
 
 def compare_many(fns: dict[str, Callable[[], object]], warmup: int = 1, repeats: int = 5,
                  clock: Callable[[], float] = time.perf_counter,
-                 number: int | dict[str, int] = 1) -> dict[str, Timing]:
+                 number: int | dict[str, int] = 1, sample_seconds: float | None = None) -> dict[str, Timing]:
     """Time several callables round-robin (a, b, c, a, b, c, ...), so drift in machine load hits all alike.
 
     Each of the `repeats` samples times `number` back-to-back calls (one count for all, or one per name) and
     records the time per call, as `timeit` does: a call of a few milliseconds, timed alone, is at the mercy
     of one scheduler hiccup; a sample of tens of milliseconds averages those out, and the median over
-    samples drops the samples a busy neighbour spoiled.
+    samples drops the samples a busy neighbour spoiled. `sample_seconds` (instead of `number`) sizes each
+    callable's count after the warm-up, from one more timed call (`calls_per_sample`).
 
     `clock=time.process_time` counts this process's CPU time instead of wall time: on a machine shared with
     other jobs it is much steadier, but it only means latency when torch runs one thread (set_num_threads(1)).
@@ -79,6 +80,8 @@ def compare_many(fns: dict[str, Callable[[], object]], warmup: int = 1, repeats:
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+    if sample_seconds is not None:
+        numbers = calls_per_sample(fns, sample_seconds, clock)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
@@ -106,9 +109,11 @@ def calls_per_sample(fns: dict[str, Callable[[], object]], target: float = 0.05,
     return numbers
 
 
-def compare(fn_a: Callable[[], object], fn_b: Callable[[], object], warmup: int = 1, repeats: int = 5) -> Comparison:
-    """Time two callables alternately (a, b, a, b, ...), so drift in machine load hits both alike."""
-    t = compare_many({"a": fn_a, "b": fn_b}, warmup, repeats)
+def compare(fn_a: Callable[[], object], fn_b: Callable[[], object], warmup: int = 1, repeats: int = 5,
+            sample_seconds: float | None = None) -> Comparison:
+    """Time two callables alternately (a, b, a, b, ...), so drift in machine load hits both alike; with
+    `sample_seconds`, each sample is that long a run of back-to-back calls (see `compare_many`)."""
+    t = compare_many({"a": fn_a, "b": fn_b}, warmup, repeats, sample_seconds=sample_seconds)
     return Comparison(t["a"], t["b"])
 
 

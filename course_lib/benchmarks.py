@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .attention import CausalSelfAttention, MultiHeadLatentAttention
-from .bench import calls_per_sample, compare_many
+from .bench import compare_many
 from .config import ModelConfig
 from .layers import SwiGLU
 from .model import CourseModel
@@ -57,9 +57,7 @@ def _time(fns: dict, quick: bool, repeats: int, clock, grad: bool = False) -> di
     with torch.set_grad_enabled(grad):
         if quick:
             return compare_many(fns, warmup=0, repeats=repeats, clock=clock)
-        for fn in fns.values():  # warm-up
-            fn()
-        return compare_many(fns, warmup=0, repeats=repeats, clock=clock, number=calls_per_sample(fns, clock=clock))
+        return compare_many(fns, warmup=1, repeats=repeats, clock=clock, sample_seconds=0.05)
 
 
 # ----------------------------------------------------------------------------- kv

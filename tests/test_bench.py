@@ -56,6 +56,16 @@ def test_compare_many_times_number_calls_per_sample_and_reports_per_call():
         bench.compare_many({"a": lambda: None, "b": lambda: None}, number={"a": 1})
 
 
+def test_compare_sizes_samples_after_the_warm_up():
+    calls = []
+    ticks = iter([0.0, 0.01, 1.0, 1.001] + [float(t) for t in range(100, 200)])  # sizing: a 10 ms, b 1 ms
+    t = bench.compare_many({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=1, repeats=2,
+                           clock=lambda: next(ticks), sample_seconds=0.05)
+    # warm-up a b, sizing a b, then per repeat 5 calls of a and 50 of b
+    assert calls == ["a", "b", "a", "b"] + (["a"] * 5 + ["b"] * 50) * 2
+    assert t["a"].times == (1 / 5, 1 / 5) and t["b"].times == (1 / 50, 1 / 50)
+
+
 def test_calls_per_sample_fills_the_target():
     ticks = iter([0.0, 0.01, 1.0, 1.0001, 2.0, 3.0])  # a takes 10 ms, b 0.1 ms, c a whole second
     numbers = bench.calls_per_sample({"a": lambda: None, "b": lambda: None, "c": lambda: None}, target=0.05,
