@@ -61,27 +61,32 @@ class Comparison:
 
 def compare_many(fns: dict[str, Callable[[], object]], warmup: int = 1, repeats: int = 5,
                  clock: Callable[[], float] = time.perf_counter,
-                 number: int | dict[str, int] = 1, sample_seconds: float | None = None) -> dict[str, Timing]:
+                 sample_seconds: float | None = None) -> dict[str, Timing]:
     """Time several callables round-robin (a, b, c, a, b, c, ...), so drift in machine load hits all alike.
 
-    Each of the `repeats` samples times `number` back-to-back calls (one count for all, or one per name) and
-    records the time per call, as `timeit` does: a call of a few milliseconds, timed alone, is at the mercy
-    of one scheduler hiccup; a sample of tens of milliseconds averages those out, and the median over
-    samples drops the samples a busy neighbour spoiled. `sample_seconds` (instead of `number`) sizes each
-    callable's count after the warm-up, from one more timed call (`calls_per_sample`).
+    With `sample_seconds`, each of the `repeats` samples is a run of back-to-back calls about that long
+    (the count per callable set after the warm-up from one more timed call) and records the time per call,
+    as `timeit` does: a call of a few milliseconds, timed alone, is at the mercy of one scheduler hiccup; a
+    sample of tens of milliseconds averages those out, and the median over samples drops the samples a busy
+    neighbour spoiled. Without it, each sample is one call.
 
     `clock=time.process_time` counts this process's CPU time instead of wall time: on a machine shared with
     other jobs it is much steadier, but it only means latency when torch runs one thread (set_num_threads(1)).
     """
-    numbers = number if isinstance(number, dict) else {name: number for name in fns}
-    if repeats < 1 or warmup < 0 or any(numbers.get(name, 0) < 1 for name in fns):
-        raise ValueError(f"need repeats >= 1, warmup >= 0 and number >= 1 for every callable, got "
-                         f"repeats={repeats}, warmup={warmup}, number={number}.")
+    if repeats < 1 or warmup < 0 or (sample_seconds is not None and sample_seconds <= 0):
+        raise ValueError(f"need repeats >= 1, warmup >= 0 and sample_seconds > 0 (or None), got "
+                         f"repeats={repeats}, warmup={warmup}, sample_seconds={sample_seconds}.")
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+    numbers = {name: 1 for name in fns}
     if sample_seconds is not None:
-        numbers = calls_per_sample(fns, sample_seconds, clock)
+        for name, fn in fns.items():  # calls per sample, from one timed call each
+            _sync()
+            t0 = clock()
+            fn()
+            _sync()
+            numbers[name] = max(1, round(sample_seconds / max(clock() - t0, 1e-9)))
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
@@ -93,20 +98,6 @@ def compare_many(fns: dict[str, Callable[[], object]], warmup: int = 1, repeats:
             _sync()
             times[name].append((clock() - t0) / n)
     return {name: Timing(statistics.median(ts), tuple(ts)) for name, ts in times.items()}
-
-
-def calls_per_sample(fns: dict[str, Callable[[], object]], target: float = 0.05,
-                     clock: Callable[[], float] = time.perf_counter) -> dict[str, int]:
-    """For `compare_many(number=...)`: how many calls of each callable fill about `target` seconds, from one
-    timed call each (run it after a warm-up)."""
-    numbers = {}
-    for name, fn in fns.items():
-        _sync()
-        t0 = clock()
-        fn()
-        _sync()
-        numbers[name] = max(1, round(target / max(clock() - t0, 1e-9)))
-    return numbers
 
 
 def compare(fn_a: Callable[[], object], fn_b: Callable[[], object], warmup: int = 1, repeats: int = 5,

@@ -55,9 +55,8 @@ def _time(fns: dict, quick: bool, repeats: int, clock, grad: bool = False) -> di
     """compare_many with one warm-up round, each sample about 50 ms of calls (quick: no warm-up, one call
     per sample), under no_grad unless the pass trains."""
     with torch.set_grad_enabled(grad):
-        if quick:
-            return compare_many(fns, warmup=0, repeats=repeats, clock=clock)
-        return compare_many(fns, warmup=1, repeats=repeats, clock=clock, sample_seconds=0.05)
+        return compare_many(fns, warmup=0 if quick else 1, repeats=repeats, clock=clock,
+                            sample_seconds=None if quick else 0.05)
 
 
 # ----------------------------------------------------------------------------- kv
@@ -255,7 +254,7 @@ def _header(device: str) -> str:
             f"load average {load:.1f} on {os.cpu_count()} CPUs")
 
 
-def report_kv(quick: bool, repeats: int, device: str, clock, threads_given: bool = False) -> None:
+def report_kv(quick: bool, repeats: int, device: str, clock) -> None:
     print("KV cache: greedy decode of the cpu profile's baseline model (untrained), cached vs uncached")
     for r in decode_speed(quick, repeats, device, clock):
         print(f"  {r['new_tokens']:>4} new tokens x {r['batch']}: cached {r['cached_tok_s']:>9,.0f} tok/s, "
@@ -298,26 +297,29 @@ def report_moe(quick: bool, repeats: int, device: str, clock, threads_given: boo
     # many small per-expert ones gain little from a second. Without --threads, both the notebooks' setting
     # (setup_notebook: half the usable cores) and torch's default (all of them) are measured.
     default = torch.get_num_threads()
-    counts = [default] if threads_given else list(dict.fromkeys([notebook_threads(), default]))
-    for n in counts:
-        torch.set_num_threads(n)
-        which = "as asked" if threads_given else " and ".join(
-            label for label, m in (("the notebooks' setting", notebook_threads()), ("torch's default", default))
-            if m == n)
-        print(f"\nMoE layer (router + 1 shared + top-K routed) vs dense SwiGLU of the same active width, tokens/s; "
-              f"{n} thread(s), {which}")
-        layer_rows = moe_vs_dense(quick, repeats, device, clock)
-        for r in layer_rows:
-            dense = r["dense_tok_s"]
-            print(f"  E={r['experts']:>2} K={r['top_k']} N={r['tokens']} {r['pass']:<16}: MoE vectorized "
-                  f"{r['moe_vectorized_tok_s']:>9,.0f} ({r['moe_vectorized_tok_s'] / dense:4.2f}x dense), expert loop "
-                  f"{r['moe_expert_loop_tok_s']:>9,.0f} ({r['moe_expert_loop_tok_s'] / dense:4.2f}x), "
-                  f"dense {dense:>9,.0f}; "
-                  f"active params {r['moe_active_params']:,} vs {r['dense_params']:,}")
-        met = all(r["moe_vectorized_tok_s"] >= 0.5 * r["dense_tok_s"] for r in layer_rows)
-        print(f"  floor, the MoE layer (vectorized) >= 0.5x the dense FFN's tokens/s with {n} thread(s): "
-              f"{'met' if met else 'NOT met'} in {'every row' if met else 'some rows'}")
-    torch.set_num_threads(default)
+    if threads_given:
+        settings = [(default, "as asked")]
+    elif notebook_threads() == default:
+        settings = [(default, "the notebooks' setting and torch's default")]
+    else:
+        settings = [(notebook_threads(), "the notebooks' setting"), (default, "torch's default")]
+    try:
+        for n, which in settings:
+            torch.set_num_threads(n)
+            print(f"\nMoE layer (router + 1 shared + top-K routed) vs dense SwiGLU of the same active width, "
+                  f"tokens/s; {n} thread(s), {which}")
+            layer_rows = moe_vs_dense(quick, repeats, device, clock)
+            for r in layer_rows:
+                dense = r["dense_tok_s"]
+                print(f"  E={r['experts']:>2} K={r['top_k']} N={r['tokens']} {r['pass']:<16}: MoE vectorized "
+                      f"{r['moe_vectorized_tok_s']:>9,.0f} ({r['moe_vectorized_tok_s'] / dense:4.2f}x dense), "
+                      f"expert loop {r['moe_expert_loop_tok_s']:>9,.0f} ({r['moe_expert_loop_tok_s'] / dense:4.2f}x), "
+                      f"dense {dense:>9,.0f}; active params {r['moe_active_params']:,} vs {r['dense_params']:,}")
+            met = all(r["moe_vectorized_tok_s"] >= 0.5 * r["dense_tok_s"] for r in layer_rows)
+            print(f"  floor, the MoE layer (vectorized) >= 0.5x the dense FFN's tokens/s with {n} thread(s): "
+                  f"{'met' if met else 'NOT met'} in {'every row' if met else 'some rows'}")
+    finally:
+        torch.set_num_threads(default)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -342,5 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     repeats = args.repeats or (1 if args.quick else 5)
     print(_header(args.device) + f"; {args.clock} clock, medians of {repeats} round-robin repeat(s)"
           f"{', quick sizes' if args.quick else ''}\n")
-    {"kv": report_kv, "moe": report_moe}[args.bench](args.quick, repeats, args.device, CLOCKS[args.clock],
-                                                     threads_given=args.threads is not None)
+    if args.bench == "kv":
+        report_kv(args.quick, repeats, args.device, CLOCKS[args.clock])
+    else:
+        report_moe(args.quick, repeats, args.device, CLOCKS[args.clock], threads_given=args.threads is not None)
