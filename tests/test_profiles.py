@@ -40,6 +40,18 @@ def test_cpu_baseline_is_the_small_model_the_notebook_promises():
     assert 0.5e6 < n < 0.8e6
 
 
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_mtp_config_is_deeper_and_narrower_at_about_the_baselines_size(name):
+    from course_lib.model import CourseModel
+
+    profile = PROFILES[name]
+    base, mtp = profile.baseline_config(), profile.mtp_config()
+    assert mtp.num_hidden_layers == 2 * base.num_hidden_layers and mtp.hidden_size < base.hidden_size
+    assert mtp.hidden_size % mtp.num_attention_heads == 0 and mtp.intermediate_size % 32 == 0
+    ratio = CourseModel(mtp).num_parameters() / CourseModel(base).num_parameters()
+    assert 0.9 < ratio < 1.2, ratio
+
+
 def test_setup_notebook_seeds_everything_and_prints_one_line(capsys, monkeypatch):
     monkeypatch.delenv("COURSE_PROFILE", raising=False)
     s = setup_notebook(seed=3, profile="cpu")
