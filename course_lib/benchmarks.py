@@ -1,4 +1,4 @@
-"""The course's speed and memory claims, each measured in one run: `python -m course_lib.bench kv|moe`.
+"""The course's speed and memory claims, each measured in one run: `python -m course_lib.bench kv|moe|mtp`.
 
 kv (notebooks 01 and 03):
 - `decode_speed`: greedy decoding with and without the KV cache, for the cpu profile's baseline model;
@@ -9,6 +9,9 @@ moe (notebook 04):
 - `dispatch_speed`: tokens/s of the four dispatches of `course_lib.moe` on a training-sized batch,
   forward and forward+backward, after checking that they agree;
 - `moe_vs_dense`: a DeepSeekMoE layer against a dense SwiGLU as wide as its shared + K active experts.
+mtp (notebook 09):
+- `speculative_speed`: greedy decoding at batch 1, self-speculative vs plain cached, on MTP models of
+  notebook 09's width with 3, 6 and 12 main blocks; the drafts are forced right at a chosen acceptance rate.
 
 Each function returns rows, a list of dicts of plain numbers, which `main` prints; unit tests run them with
 quick=True (small sizes, one repeat) and check structure, never time. Weights are untrained: speed does not
@@ -35,6 +38,7 @@ from .config import ModelConfig
 from .layers import SwiGLU
 from .model import CourseModel
 from .moe import DeepSeekMoE, dispatch_expert_loop, dispatch_padded, dispatch_token_loop, dispatch_vectorized
+from .mtp import MTPModel, SpeculativeDecoder, speculative_generate
 from .profiles import get_profile, notebook_threads
 from .train import generate
 
@@ -248,6 +252,59 @@ def moe_vs_dense(quick: bool = False, repeats: int = 5, device: str = "cpu", clo
 
 # ----------------------------------------------------------------------------- the command line
 
+# ----------------------------------------------------------------------------- mtp
+
+def forced_drafter(oracle: list[int], acceptance: float) -> type:
+    """A SpeculativeDecoder class whose drafts are right (the token of `oracle`, the whole greedy sequence,
+    prompt included) in a fraction `acceptance` of the drafts and wrong in the others, spread evenly and the
+    same on every run: a trained drafter's acceptance rate on untrained weights."""
+    if not 0 <= acceptance <= 1:
+        raise ValueError(f"acceptance={acceptance} must be between 0 and 1 (DeepSeek-V3 reports 0.85-0.90).")
+
+    class ForcedDrafter(SpeculativeDecoder):
+        credit = 0.5  # each draft adds `acceptance`, a right one spends 1: round(m · acceptance) of m drafts right
+
+        def propose(self, logits: torch.Tensor, k: int) -> int:
+            right = oracle[len(self.tokens) + k - 1]  # d_k is the draft for t_{n+k-1}
+            self.credit += acceptance
+            if self.credit >= 1 - 1e-9:
+                self.credit -= 1
+                return right
+            return (right + 1) % logits.shape[-1]
+
+    return ForcedDrafter
+
+
+def speculative_speed(quick: bool = False, repeats: int = 5, device: str = "cpu", clock=time.perf_counter,
+                      acceptance: float = 0.85) -> list[dict]:
+    """Greedy decoding of one sequence (batch 1), self-speculative against plain cached, one row per depth of
+    the main model (the draft is always one MTP block), at notebook 09's width. Weights are untrained and the
+    drafts forced right at the rate `acceptance` (`forced_drafter`), so both decoders emit the same
+    tokens (checked) and only the speed differs; notebook 09 measures a trained drafter's own rate."""
+    base = get_profile("cpu").mtp_config()
+    depths, n = ((2,), 8) if quick else ((base.num_hidden_layers // 2, base.num_hidden_layers,
+                                          2 * base.num_hidden_layers), 64)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(2, base.vocab_size, (1, 8), generator=g).to(device)  # (1, 8)
+    rows = []
+    for layers in depths:
+        torch.manual_seed(0)
+        model = MTPModel(base.replace(num_hidden_layers=layers), num_nextn_predict_layers=1).to(device).eval()
+        plain = generate(model, prompt, n)  # greedy, no stop token: n new tokens
+        drafter = forced_drafter(prompt[0].tolist() + plain.tokens[0].tolist(), acceptance)
+        spec = speculative_generate(model, prompt, n, decoder_cls=drafter)
+        if spec.tokens.tolist() != plain.tokens.tolist():
+            raise RuntimeError(f"self-speculative decoding changed the greedy output of a {layers}-block model")
+        t = _time({"plain": partial(generate, model, prompt, n),
+                   "speculative": partial(speculative_generate, model, prompt, n, decoder_cls=drafter)},
+                  quick, repeats, clock)
+        rows.append({"main_blocks": layers, "new_tokens": n, "acceptance": spec.acceptance_rate,
+                     "tokens_per_forward": n / spec.main_forwards, "plain_tok_s": t["plain"].per_second(n),
+                     "speculative_tok_s": t["speculative"].per_second(n),
+                     "speedup": t["plain"].median / t["speculative"].median})
+    return rows
+
+
 def _header(device: str) -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"torch {torch.__version__} on {device}, {torch.get_num_threads()} thread(s); "
@@ -322,11 +379,31 @@ def report_moe(quick: bool, repeats: int, device: str, clock, threads_given: boo
         torch.set_num_threads(default)
 
 
+def report_mtp(quick: bool, repeats: int, device: str, clock, acceptance: float) -> None:
+    cfg = get_profile("cpu").mtp_config()
+    print(f"Self-speculative vs plain cached greedy decoding, batch 1, notebook 09's width ({cfg.hidden_size}), "
+          f"untrained weights, a fraction {acceptance:.2f} of the drafts forced right")
+    rows = speculative_speed(quick, repeats, device, clock, acceptance)
+    for r in rows:
+        print(f"  {r['main_blocks']:>2} main blocks, {r['new_tokens']} new tokens: "
+              f"plain {r['plain_tok_s']:>6,.0f} tok/s, speculative {r['speculative_tok_s']:>6,.0f} tok/s ({r['acceptance']:.0%} accepted, "
+              f"{r['tokens_per_forward']:.2f} tokens per forward): {r['speedup']:.2f}x")
+    at = [r for r in rows if r["main_blocks"] == cfg.num_hidden_layers]
+    if at:
+        verdict = "met" if at[0]["speedup"] >= 1.2 else "NOT met"
+        print(f"  floor, speculative >= 1.2x plain at notebook 09's depth ({cfg.num_hidden_layers} blocks): "
+              f"{verdict}, {at[0]['speedup']:.2f}x")
+    else:
+        print(f"  floor, speculative >= 1.2x plain at notebook 09's depth ({cfg.num_hidden_layers} blocks): "
+              "not measured (quick run)")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m course_lib.bench", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="bench", required=True)
     for name, text in (("kv", "KV cache decode, MLA absorbed/naive vs MHA, cache bytes per token"),
-                       ("moe", "MoE dispatch tokens/s, MoE layer vs dense SwiGLU")):
+                       ("moe", "MoE dispatch tokens/s, MoE layer vs dense SwiGLU"),
+                       ("mtp", "self-speculative vs plain greedy decoding at 3 depths of the main model")):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--repeats", type=int, default=None,
                        help="timed repeats per measurement (default 5; 1 with --quick)")
@@ -338,7 +415,12 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--clock", choices=CLOCKS, default="wall",
                        help="wall time (default), or this process's CPU time: steadier on a busy machine, "
                             "meaningful with --threads 1")
+        if name == "mtp":
+            p.add_argument("--acceptance", type=float, default=0.85,
+                           help="fraction of the drafts forced right (default 0.85, DeepSeek-V3's lower figure)")
     args = ap.parse_args(argv)
+    if args.bench == "mtp" and not 0 <= args.acceptance <= 1:
+        ap.error(f"--acceptance {args.acceptance} must be between 0 and 1, e.g. 0.85")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (1 if args.quick else 5)
@@ -346,5 +428,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{', quick sizes' if args.quick else ''}\n")
     if args.bench == "kv":
         report_kv(args.quick, repeats, args.device, CLOCKS[args.clock])
+    elif args.bench == "mtp":
+        report_mtp(args.quick, repeats, args.device, CLOCKS[args.clock], args.acceptance)
     else:
         report_moe(args.quick, repeats, args.device, CLOCKS[args.clock], threads_given=args.threads is not None)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from course_lib import bench, benchmarks
+from course_lib.config import ModelConfig
 
 
 def test_time_callable_warms_up_then_repeats():
@@ -157,3 +158,48 @@ def test_moe_cli_compares_layers_at_the_notebooks_threads_and_all_cores(monkeypa
     assert seen == [1, 2]
     assert "1 thread(s), the notebooks' setting" in out and "2 thread(s), torch's default" in out
     assert "with 1 thread(s): met in every row" in out and "with 2 thread(s): NOT met in some rows" in out
+
+
+@pytest.mark.parametrize("acceptance", [0.0, 0.5, 0.85, 1.0])
+def test_forced_drafter_accepts_the_asked_fraction_and_never_changes_the_output(acceptance):
+    from course_lib.mtp import MTPModel, speculative_generate
+    from course_lib.train import generate
+
+    torch.manual_seed(0)
+    model = MTPModel(ModelConfig(vocab_size=20, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=64, max_position_embeddings=128)).eval()
+    prompt = torch.randint(0, 20, (1, 5), generator=torch.Generator().manual_seed(0))
+    plain = generate(model, prompt, 40)
+    drafter = benchmarks.forced_drafter(prompt[0].tolist() + plain.tokens[0].tolist(), acceptance)
+    spec = speculative_generate(model, prompt, 40, decoder_cls=drafter)
+    assert spec.tokens.tolist() == plain.tokens.tolist()
+    assert spec.drafted > 10 and abs(spec.accepted - acceptance * spec.drafted) <= 0.5 + 1e-9  # round(m · a) of m
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        benchmarks.forced_drafter([], 1.5)
+
+
+def test_mtp_benchmark_quick():
+    rows = benchmarks.speculative_speed(quick=True, repeats=1)  # also checks speculative == plain greedy
+    assert [r["main_blocks"] for r in rows] == [2]
+    _positive_numbers(rows, ["plain_tok_s", "speculative_tok_s", "speedup", "tokens_per_forward"])
+    r = rows[0]
+    assert r["speedup"] == pytest.approx(r["speculative_tok_s"] / r["plain_tok_s"])
+    assert 1 < r["tokens_per_forward"] <= 2 and 0 < r["acceptance"] <= 1
+
+
+def test_mtp_cli_prints_the_floor_at_notebook_09s_depth(monkeypatch, capsys):
+    asked = []
+
+    def rows(quick, repeats, device, clock, acceptance):
+        asked.append(acceptance)
+        return [{"main_blocks": L, "new_tokens": 64, "acceptance": acceptance, "tokens_per_forward": 1.8,
+                 "plain_tok_s": 100.0, "speculative_tok_s": s, "speedup": s / 100} for L, s in ((3, 110.0), (6, 130.0))]
+
+    monkeypatch.setattr(benchmarks, "speculative_speed", rows)
+    benchmarks.main(["mtp", "--acceptance", "0.9"])
+    out = capsys.readouterr().out
+    assert asked == [0.9] and " 3 main blocks" in out and "1.10x" in out
+    assert "floor, speculative >= 1.2x plain at notebook 09's depth (6 blocks): met, 1.30x" in out
+    with pytest.raises(SystemExit):
+        benchmarks.main(["mtp", "--acceptance", "1.5"])
+    assert "must be between 0 and 1" in capsys.readouterr().err
