@@ -89,6 +89,9 @@ class LivePlot:
 
     def finish(self, decimals: int = 3) -> None:
         self.redraw()
+        if not self.steps:  # e.g. training reloaded a finished checkpoint: an empty table would puzzle
+            print("no steps were run, so there is nothing to plot")
+            return
         rows = summary_rows(self.steps, self.values[self.names[0]])
         print("step  " + "  ".join(f"{n:>8}" for n in self.names))
         for i, (s, _) in enumerate(rows):

@@ -23,6 +23,8 @@ def test_live_plot_redraws_at_a_bounded_rate_and_prints_a_fallback(capsys):
     assert list(plot.fig.data[0].y) == plot.values["loss"] and len(plot.fig.data[0].x) == 100
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["step", "loss"] and out[1].split() == ["0", "1.000"] and out[-1].split()[0] == "99"
+    widgets.LivePlot(("loss",), live=False).finish()  # a re-run that reloaded its checkpoint: one line, no table
+    assert capsys.readouterr().out == "no steps were run, so there is nothing to plot\n"
 
 
 def test_renderer_is_lab_friendly_off_colab(monkeypatch):
