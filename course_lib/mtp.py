@@ -336,3 +336,25 @@ def speculative_generate(model: MTPModel, prompt: torch.Tensor, max_new_tokens: 
     return SpeculativeGeneration(tokens, torch.ones_like(tokens, dtype=torch.bool),
                                  torch.tensor([finished], device=prompt.device),
                                  drafted=dec.drafted, accepted=dec.accepted, main_forwards=dec.main_forwards)
+
+
+def forced_drafter(oracle: list[int], acceptance: float) -> type:
+    """A SpeculativeDecoder class whose drafts are right (the token of `oracle`, the whole greedy sequence,
+    prompt included) in a fraction `acceptance` of the drafts and wrong in the others, spread evenly and the
+    same on every run: a trained drafter's acceptance rate on untrained weights (`python -m course_lib.bench
+    mtp`), or every draft right (1.0) or wrong (0.0) in tests. Drafts never change the output, only the speed."""
+    if not 0 <= acceptance <= 1:
+        raise ValueError(f"acceptance={acceptance} must be between 0 and 1 (DeepSeek-V3 reports 0.85-0.90).")
+
+    class ForcedDrafter(SpeculativeDecoder):
+        credit = 0.5  # each draft adds `acceptance`, a right one spends 1: round(m · acceptance) of m drafts right
+
+        def propose(self, logits: torch.Tensor, k: int) -> int:
+            right = oracle[len(self.tokens) + k - 1]  # d_k is the draft for t_{n+k-1}
+            self.credit += acceptance
+            if self.credit >= 1 - 1e-9:
+                self.credit -= 1
+                return right
+            return (right + 1) % logits.shape[-1]
+
+    return ForcedDrafter

@@ -47,8 +47,7 @@ class Profile:
         """Notebook 09's main model: twice the baseline's blocks at three quarters of its width, about the same
         number of parameters (cpu: 6 x 96, 681k, against 3 x 128, 625k). A speculative draft costs one block,
         so the deeper the main model, the smaller the draft's share of a forward ([V3]: 1 of 61 layers)."""
-        hidden = self.hidden_size * 3 // 4
-        return self.baseline_config(num_hidden_layers=2 * self.num_hidden_layers, hidden_size=hidden,
+        return self.baseline_config(num_hidden_layers=2 * self.num_hidden_layers, hidden_size=self.hidden_size * 3 // 4,
                                     intermediate_size=self.intermediate_size * 3 // 4 // 32 * 32)
 
 

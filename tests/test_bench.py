@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from course_lib import bench, benchmarks
-from course_lib.config import ModelConfig
 
 
 def test_time_callable_warms_up_then_repeats():
@@ -158,24 +157,6 @@ def test_moe_cli_compares_layers_at_the_notebooks_threads_and_all_cores(monkeypa
     assert seen == [1, 2]
     assert "1 thread(s), the notebooks' setting" in out and "2 thread(s), torch's default" in out
     assert "with 1 thread(s): met in every row" in out and "with 2 thread(s): NOT met in some rows" in out
-
-
-@pytest.mark.parametrize("acceptance", [0.0, 0.5, 0.85, 1.0])
-def test_forced_drafter_accepts_the_asked_fraction_and_never_changes_the_output(acceptance):
-    from course_lib.mtp import MTPModel, speculative_generate
-    from course_lib.train import generate
-
-    torch.manual_seed(0)
-    model = MTPModel(ModelConfig(vocab_size=20, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                 intermediate_size=64, max_position_embeddings=128)).eval()
-    prompt = torch.randint(0, 20, (1, 5), generator=torch.Generator().manual_seed(0))
-    plain = generate(model, prompt, 40)
-    drafter = benchmarks.forced_drafter(prompt[0].tolist() + plain.tokens[0].tolist(), acceptance)
-    spec = speculative_generate(model, prompt, 40, decoder_cls=drafter)
-    assert spec.tokens.tolist() == plain.tokens.tolist()
-    assert spec.drafted > 10 and abs(spec.accepted - acceptance * spec.drafted) <= 0.5 + 1e-9  # round(m · a) of m
-    with pytest.raises(ValueError, match="between 0 and 1"):
-        benchmarks.forced_drafter([], 1.5)
 
 
 def test_mtp_benchmark_quick():

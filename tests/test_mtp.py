@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from course_lib.config import ModelConfig
 from course_lib.model import CourseModel
 from course_lib.moe import DeepSeekMoE
-from course_lib.mtp import (MTPModel, SpeculativeDecoder, mtp_loss, mtp_loss_fn, mtp_losses,
+from course_lib.mtp import (MTPModel, SpeculativeDecoder, forced_drafter, mtp_loss, mtp_loss_fn, mtp_losses,
                             speculative_generate)
 from course_lib.tasks import Tokenizer, addition_splits, encode_examples
 from course_lib.train import TrainConfig, generate, lm_loss, train_lm
@@ -348,24 +348,16 @@ def test_drafts_are_what_each_module_predicts_from_the_decided_tokens(trained, a
     assert {k for _, k, _ in seen} == set(range(1, D + 1))
 
 
-def oracle_decoder(oracle, wrong):
-    class Forced(SpeculativeDecoder):
-        def propose(self, logits, k):
-            target = oracle[len(self.tokens) + k - 1]  # d_k is the draft for t_{n+k-1}
-            return (target + 1) % logits.shape[-1] if wrong else target
-    return Forced
-
-
 @pytest.mark.parametrize("attention,D", [("mha", 1), ("mla", 2)])
 def test_forced_acceptance_and_forced_rejection(attention, D):
     m = model_for(attention, D=D, seed=4)
     prompt = torch.randint(0, V, (1, 5), generator=torch.Generator().manual_seed(4))
     n = 30
     oracle = prompt[0].tolist() + generate(m, prompt, n).tokens[0].tolist()
-    accept = assert_same(m, prompt, n, decoder_cls=oracle_decoder(oracle, wrong=False))
+    accept = assert_same(m, prompt, n, decoder_cls=forced_drafter(oracle, 1.0))
     assert accept.accepted == accept.drafted > 0 and accept.acceptance_rate == 1.0
     assert accept.main_forwards == 1 + math.ceil((n - 1) / (D + 1))  # prefill, then D+1 tokens per forward
-    reject = assert_same(m, prompt, n, decoder_cls=oracle_decoder(oracle, wrong=True))
+    reject = assert_same(m, prompt, n, decoder_cls=forced_drafter(oracle, 0.0))
     assert reject.accepted == 0 and reject.drafted > 0
     assert reject.main_forwards == n  # prefill, then one token per forward: plain decoding's count
 
@@ -376,7 +368,7 @@ def test_stop_inside_accepted_drafts_ends_the_output_there():
     plain = generate(m, prompt, 30).tokens[0].tolist()
     stop = plain[7]
     oracle = prompt[0].tolist() + plain
-    spec = assert_same(m, prompt, 30, stop_id=stop, decoder_cls=oracle_decoder(oracle, wrong=False))
+    spec = assert_same(m, prompt, 30, stop_id=stop, decoder_cls=forced_drafter(oracle, 1.0))
     assert spec.finished.item() and spec.tokens[0, -1].item() == stop
 
 
@@ -410,3 +402,18 @@ def test_returns_a_generation_and_restores_training_mode():
     assert m.training
     assert spec.to_lists() == [spec.tokens[0].tolist()] and len(spec.to_lists()[0]) == 9
     assert spec.finished.tolist() == [False] and spec.main_forwards == 1 + (9 - 1 - spec.accepted)
+
+
+@pytest.mark.parametrize("acceptance", [0.0, 0.5, 0.85, 1.0])
+def test_forced_drafter_accepts_the_asked_fraction_and_never_changes_the_output(acceptance):
+    torch.manual_seed(0)
+    model = MTPModel(ModelConfig(vocab_size=20, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=64, max_position_embeddings=128)).eval()
+    prompt = torch.randint(0, 20, (1, 5), generator=torch.Generator().manual_seed(0))
+    plain = generate(model, prompt, 40)
+    drafter = forced_drafter(prompt[0].tolist() + plain.tokens[0].tolist(), acceptance)
+    spec = speculative_generate(model, prompt, 40, decoder_cls=drafter)
+    assert spec.tokens.tolist() == plain.tokens.tolist()
+    assert spec.drafted > 10 and abs(spec.accepted - acceptance * spec.drafted) <= 0.5 + 1e-9  # round(m · a) of m
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        forced_drafter([], 1.5)
