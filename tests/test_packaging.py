@@ -2,10 +2,14 @@
 
 import glob
 import json
+import os
 import re
+import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +75,22 @@ def test_lab_command_keeps_token_auth_on_localhost():
     lab = make.split("\nlab:")[1].split("\n\n")[0]
     assert "--ip=127.0.0.1" in lab
     assert "token=''" not in lab and 'token=""' not in lab and "disable_check_xsrf" not in lab
+
+
+def test_make_commands_cache_bytecode_inside_the_venv(tmp_path):
+    """The commands' Python processes compile what they import once, into .venv/pycache, even under
+    PYTHONDONTWRITEBYTECODE (pip installs with --no-compile): without it every kernel recompiles torch."""
+    if shutil.which("make") is None:
+        pytest.skip("no make on this machine")
+    probe = tmp_path / "probe.mk"
+    probe.write_text(f"include {ROOT / 'Makefile'}\nprobe:\n\t@env\n")
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("PYTHONPYCACHEPREFIX", None)
+    out = subprocess.run(["make", "-s", "-f", str(probe), "probe"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, check=True).stdout
+    seen = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    assert "PYTHONDONTWRITEBYTECODE" not in seen
+    assert Path(seen["PYTHONPYCACHEPREFIX"]) == ROOT / ".venv" / "pycache"
 
 
 def test_readme_badges_point_at_the_repository_url():
