@@ -1,6 +1,7 @@
-# The two commands of the course (see README):
+# The commands of the course (see README):
 #   make lab    set up on first use, then open JupyterLab on the notebooks (127.0.0.1, token auth on)
 #   make test   set up on first use, then run the unit tests and every notebook under nbval
+#   make check  the unit tests only (no notebooks, no browser): what a contributor runs while working
 # Override on the command line, e.g. `make lab PYTHON=python3.12`, or on Linux without a GPU,
 # `make lab TORCH_INDEX=https://download.pytorch.org/whl/cpu` to fetch PyTorch's small CPU-only build.
 
@@ -20,7 +21,7 @@ TORCH_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 export PYTHONPYCACHEPREFIX := $(abspath $(VENV))/pycache
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: lab test notebooks results setup setup-test clean-venv
+.PHONY: lab test check notebooks results setup setup-test clean-venv
 
 setup: $(VENV)/.course-installed
 setup-test: $(VENV)/.test-installed
@@ -48,6 +49,10 @@ test: setup-test
 	COURSE_PROFILE=cpu $(BIN)/python -m pytest tests notebooks --nbval --nbval-cell-timeout=900 \
 		--nbval-sanitize-with tests/nbval_sanitize.cfg -q -n $(WORKERS) --dist loadscope --no-loadscope-reorder
 
+# Unit tests only, two workers: about half a minute on 2 cores once the environment exists.
+check: setup-test
+	COURSE_PROFILE=cpu $(BIN)/python -m pytest tests -q -n $(WORKERS) -m "not browser"
+
 # Re-run notebooks top to bottom under the cpu profile and store their outputs (what learners read on
 # the web), without widget state. One notebook: make notebooks NB=00_setup_and_baseline.ipynb
 notebooks: setup-test
@@ -56,12 +61,12 @@ notebooks: setup-test
 		--ExecutePreprocessor.store_widget_state=False --ExecutePreprocessor.timeout=1800 $$nb || exit 1; \
 	done
 
-# Notebook 08's report card and the notebooks' run times feed the README (python -m course_lib.report):
+# Notebook 08's report card and the notebooks' run times feed the README (python tools/report.py):
 # re-run notebook 08, copy its card to assets/, regenerate the README's results table. After a `make test`,
 # `make results TIMES=test-artifacts/notebook_times.json` also refreshes the run-time column.
 results: setup-test
 	$(MAKE) notebooks NB=08_nano_deepseek.ipynb
-	$(BIN)/python -m course_lib.report --card notebooks/checkpoints/08_report_card_cpu.json $(if $(TIMES),--times $(TIMES),)
+	$(BIN)/python tools/report.py --card notebooks/checkpoints/08_report_card_cpu.json $(if $(TIMES),--times $(TIMES),)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -18,7 +18,7 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("-", "notebook run times (setup + cells + teardown)")
         for path, seconds in sorted(_notebook_seconds.items()):
             terminalreporter.write_line(f"{seconds:7.1f} s  {path}")
-        # For the README's contents table: python -m course_lib.report --times test-artifacts/notebook_times.json
+        # For the README's contents table: python tools/report.py --times test-artifacts/notebook_times.json
         out = Path(__file__).parent / "test-artifacts" / "notebook_times.json"
         out.parent.mkdir(exist_ok=True)
         out.write_text(json.dumps({Path(p).name: round(s, 1) for p, s in sorted(_notebook_seconds.items())}, indent=1))

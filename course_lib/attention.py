@@ -145,7 +145,7 @@ class MultiHeadLatentAttention(nn.Module):
     ([W^UQ; W^QR] on h, q_lora_rank == 0) or `q_a_proj` (W^DQ), `q_a_layernorm`, `q_b_proj`
     ([W^UQ; W^QR]); `kv_a_proj_with_mqa` ([W^DKV; W^KR]); `kv_a_layernorm`; `kv_b_proj` (per head
     [W^UK_h; W^UV_h]); `o_proj` (W^O). RoPE rotates interleaved pairs, the layout of DeepSeek's
-    checkpoints (DEEPSEEK_REFERENCE §1.6).
+    checkpoints (github.com/deepseek-ai/DeepSeek-V3 `inference/model.py`, `apply_rotary_emb`).
     """
 
     def __init__(self, config: ModelConfig, layer_idx: int = 0, absorb: bool = True) -> None:

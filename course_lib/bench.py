@@ -1,10 +1,7 @@
 """Timing helpers: warm-up, median of repeats, and callables measured alternately (round-robin).
 
-Used by notebooks and benchmark scripts only: unit tests never assert on time. The benchmarks
-themselves live in `course_lib.benchmarks`; run them from here:
-
-    python -m course_lib.bench kv  [--repeats 5] [--quick]   # KV cache, MLA absorbed/naive vs MHA, cache bytes
-    python -m course_lib.bench moe [--repeats 5] [--quick]   # dispatch tokens/s, MoE layer vs dense SwiGLU
+Used by notebooks and by `course_lib.benchmarks` (`python -m course_lib.benchmarks kv|moe|mtp`); unit tests
+never assert on time.
 """
 
 from __future__ import annotations
@@ -101,14 +98,9 @@ def compare_many(fns: dict[str, Callable[[], object]], warmup: int = 1, repeats:
 
 
 def compare(fn_a: Callable[[], object], fn_b: Callable[[], object], warmup: int = 1, repeats: int = 5,
-            sample_seconds: float | None = None) -> Comparison:
+            sample_seconds: float | None = None, clock: Callable[[], float] = time.perf_counter) -> Comparison:
     """Time two callables alternately (a, b, a, b, ...), so drift in machine load hits both alike; with
     `sample_seconds`, each sample is that long a run of back-to-back calls (see `compare_many`)."""
-    t = compare_many({"a": fn_a, "b": fn_b}, warmup, repeats, sample_seconds=sample_seconds)
+    t = compare_many({"a": fn_a, "b": fn_b}, warmup, repeats, clock=clock, sample_seconds=sample_seconds)
     return Comparison(t["a"], t["b"])
 
-
-if __name__ == "__main__":
-    from course_lib.benchmarks import main
-
-    main()

@@ -49,7 +49,7 @@ class RotaryEmbedding(nn.Module):
     """Rotary position embedding (Su et al. 2021, RoFormer) over interleaved channel pairs.
 
     Channel pairs (0,1), (2,3), ... are rotated by angle pos * theta^(-2i/D). This is the
-    layout of RoFormer and of DeepSeek's reference code (DEEPSEEK_REFERENCE §1.6); Llama's
+    layout of RoFormer and of DeepSeek-V3's `inference/model.py` (`apply_rotary_emb`); Llama's
     "rotate half" pairs channel i with i + D/2 instead. Dot products between rotated queries and keys
     are the same under either layout once weights are permuted to match, but cached keys differ.
     The cos/sin table is a non-persistent buffer: it never enters a state dict.

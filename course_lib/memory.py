@@ -1,7 +1,7 @@
 """KV-cache arithmetic: how many elements and bytes a model keeps per generated token.
 
-Pure arithmetic on a few config numbers (standard library only), so that a notebook or a widget can
-show why MLA matters before any tensor exists. The formulas are [V2] Table 1 (DeepSeek-V2, §2.1.4):
+Pure arithmetic on a few config numbers (no tensors), so that a notebook or a widget can show why MLA
+matters before any tensor exists; DeepSeek's own sizes come from `course_lib.presets`. The formulas are [V2] Table 1 (DeepSeek-V2, §2.1.4):
 
     MHA   2 n_h d_h l          every query head has its own key and value
     GQA   2 n_g d_h l          n_g key/value heads, each shared by n_h / n_g query heads
@@ -16,14 +16,17 @@ Counted here is what the *absorbed* MLA path caches ([V2] §2.1.2: W^UK folds in
 W^O). The naive path in DeepSeek-V3's `inference/model.py` caches expanded per-head keys and values
 instead (n_h (d_h + d_h^R) + n_h d_h = 40,960 elements per layer for V3), i.e. more than MHA.
 
-Source tags as in DEEPSEEK_REFERENCE.md: [V2] arXiv 2405.04434, [V3] arXiv 2412.19437,
-[LLM] DeepSeek LLM arXiv 2401.02954, [code] github deepseek-ai/DeepSeek-V3 configs/*.json.
+Sources: [V2] DeepSeek-V2, arXiv:2405.04434; [V3] DeepSeek-V3, arXiv:2412.19437; [LLM] DeepSeek LLM,
+arXiv:2401.02954; [code] github.com/deepseek-ai/DeepSeek-V3 `inference/configs/*.json`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+
+from .config import ModelConfig
+from .presets import DEEPSEEK_V2, DEEPSEEK_V2_LITE, DEEPSEEK_V3
 
 ATTENTION_KINDS = ("mha", "gqa", "mqa", "mla")
 
@@ -89,6 +92,16 @@ class CacheSpec:
         if expected is not None and kv != expected:
             _fail(f"attention={self.attention!r} needs num_key_value_heads={expected}, got {kv}",
                   "Use attention='gqa' for any other number of K/V heads.")
+
+
+def spec_of(name: str, config: ModelConfig, source: str = "") -> CacheSpec:
+    """The cache-deciding numbers of a `ModelConfig` (MLA: d_h = qk_nope_head_dim, n_g unused)."""
+    if config.attention == "mla":
+        return CacheSpec(name, "mla", config.num_hidden_layers, config.num_attention_heads,
+                         config.num_attention_heads, config.qk_nope_head_dim, kv_lora_rank=config.kv_lora_rank,
+                         qk_rope_head_dim=config.qk_rope_head_dim, source=source)
+    return CacheSpec(name, config.attention, config.num_hidden_layers, config.num_attention_heads, config.kv_heads,
+                     config.resolved_head_dim, source=source)
 
 
 def element_bytes(elem_bytes: ElemBytes) -> float:
@@ -158,7 +171,7 @@ def kv_cache_reduction(base: CacheSpec, new: CacheSpec,
 
     With equal element sizes this is the element-count ratio. The [V2] abstract's "reduces the KV
     cache by 93.3%" (vs DeepSeek 67B) needs V2's 6-bit cache ([V2] §3.2.3) against a 16-bit 67B;
-    counting elements alone gives about 82.2% (DEEPSEEK_REFERENCE.md §1.9).
+    counting elements alone gives about 82.2% (95 layers x 2 x 8 x 128 against 60 x 576).
     """
     return 1.0 - bytes_per_token(new, elem_bytes_new) / bytes_per_token(base, elem_bytes_base)
 
@@ -223,16 +236,10 @@ PRESETS: dict[str, CacheSpec] = {s.name: s for s in (
     CacheSpec("deepseek-llm-67b", "gqa", num_hidden_layers=95, num_attention_heads=64, num_key_value_heads=8,
               head_dim=128,  # d_model 8192 / 64 heads
               source="[LLM] arXiv 2401.02954 Table 2; deepseek-ai/deepseek-llm-67b-base config.json"),
-    CacheSpec("deepseek-v2", "mla", num_hidden_layers=60, num_attention_heads=128, num_key_value_heads=128,
-              head_dim=128, kv_lora_rank=512, qk_rope_head_dim=64,
-              source="[V2] §3.1.2; [code] configs/config_236B.json"),
-    CacheSpec("deepseek-v2-lite", "mla", num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
-              head_dim=128, kv_lora_rank=512, qk_rope_head_dim=64,
-              source="[V2] App. B.1; [code] configs/config_16B.json"),
+    spec_of("deepseek-v2", DEEPSEEK_V2, "[V2] §3.1.2; [code] configs/config_236B.json"),
+    spec_of("deepseek-v2-lite", DEEPSEEK_V2_LITE, "[V2] App. B.1; [code] configs/config_16B.json"),
     # 61 main layers; the MTP module ([V3] §2.2) is extra and may be dropped at inference.
-    CacheSpec("deepseek-v3", "mla", num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128,
-              head_dim=128, kv_lora_rank=512, qk_rope_head_dim=64,
-              source="[V3] §4.2; [code] configs/config_671B.json"),
+    spec_of("deepseek-v3", DEEPSEEK_V3, "[V3] §4.2; [code] configs/config_671B.json"),
     CacheSpec("llama-3-8b", "gqa", num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
               head_dim=128,  # hidden_size 4096 / 32 heads
               source="meta-llama/Meta-Llama-3-8B config.json"),

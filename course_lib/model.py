@@ -1,4 +1,5 @@
-"""The course's decoder: token embedding, pre-norm blocks of attention + FFN, final RMSNorm, LM head.
+"""The course's decoder: token embedding, pre-norm blocks of attention + FFN, final RMSNorm, LM head,
+and the next-token loss it is trained with.
 
 Letters: B batch, T new tokens, V vocabulary.
 
@@ -11,24 +12,23 @@ Module names follow transformers' Llama/DeepSeek-V3 models (`embed_tokens`, `lay
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .attention import CausalSelfAttention, MultiHeadLatentAttention
 from .config import ModelConfig
 from .layers import RMSNorm, SwiGLU
+from .moe import DeepSeekMoE
 
 
 def build_attention(config: ModelConfig, layer_idx: int) -> nn.Module:
-    from . import attention
-
     if config.attention == "mla":
-        return attention.MultiHeadLatentAttention(config, layer_idx)
-    return attention.CausalSelfAttention(config, layer_idx)
+        return MultiHeadLatentAttention(config, layer_idx)
+    return CausalSelfAttention(config, layer_idx)
 
 
 def build_ffn(config: ModelConfig, layer_idx: int) -> nn.Module:
     if config.is_moe_layer(layer_idx):
-        from .moe import DeepSeekMoE
-
         return DeepSeekMoE(config)
     return SwiGLU(config.hidden_size, config.intermediate_size)
 
@@ -123,3 +123,11 @@ class CourseModel(nn.Module):
             if inactive_fn is not None:
                 inactive += inactive_fn()
         return total - inactive
+
+
+def lm_loss(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the positions where mask is True."""
+    logits = model(tokens[:, :-1])  # (B, T-1, V)
+    targets = tokens[:, 1:]  # (B, T-1)
+    m = mask[:, :-1]  # (B, T-1): mask[t] says token t+1 is learned
+    return F.cross_entropy(logits[m], targets[m])

@@ -29,7 +29,7 @@ Choices made here, deliberately:
   `hnorm` normalizes it. (transformers and vLLM pass the post-norm state; after `hnorm` the two differ only
   by the main norm's per-channel gain, which `hnorm`'s own weight can learn.)
 - Eq (24) divides by T although only T-k terms are summed (as printed). We average over the positions
-  whose target is learned, exactly as `course_lib.train.lm_loss` does for the main loss (mask[t] says
+  whose target is learned, exactly as `course_lib.model.lm_loss` does for the main loss (mask[t] says
   token t+1 is learned), so L_main and L^k are on the same scale.
 - Position. Module k's block sees position i where the main model saw position i (its RoPE starts at 0);
   transformers shifts the module's position ids by k. RoPE scores depend only on relative positions, so
@@ -37,7 +37,7 @@ Choices made here, deliberately:
 
 Self-speculative decoding ([V3] §5.4.3): at inference the MTP modules draft the next tokens and the main
 model checks them all in one forward on its KV cache. `speculative_generate` does this greedily for
-batch size 1 and returns exactly the tokens of plain cached greedy decoding (`course_lib.train.generate`
+batch size 1 and returns exactly the tokens of plain cached greedy decoding (`course_lib.generate.generate`
 at temperature 0), with the count of drafted and accepted tokens.
 """
 
@@ -53,7 +53,7 @@ from torch import nn
 from .config import ModelConfig
 from .layers import RMSNorm
 from .model import CourseModel, DecoderLayer
-from .train import Generation
+from .generate import Generation
 
 
 class MTPLayer(nn.Module):
@@ -150,7 +150,7 @@ class MTPModel(nn.Module):
 def mtp_losses(model: MTPModel, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The main next-token loss and L^k_MTP for k = 1..D, each a mean over the learned targets.
 
-    mask (B, L) follows `course_lib.train.lm_loss`: mask[t] says token t+1 is learned. Depth k predicts
+    mask (B, L) follows `course_lib.model.lm_loss`: mask[t] says token t+1 is learned. Depth k predicts
     t_{i+k+1} from position i, so its target is learned where mask[i+k] is True.
     """
     if tokens.shape != mask.shape:
@@ -227,7 +227,7 @@ class SpeculativeDecoder:
         if prompt.dim() != 2 or prompt.shape[0] != 1 or prompt.shape[1] < 1:
             raise ValueError(f"prompt must be (1, tokens) with at least one token, got {tuple(prompt.shape)}: "
                              "speculative decoding here runs one sequence at a time (batch size 1). "
-                             "Loop over the prompts, or use course_lib.train.generate for batches.")
+                             "Loop over the prompts, or use course_lib.generate.generate for batches.")
         D = len(model.mtp)
         num_draft = D if num_draft is None else num_draft
         if not isinstance(num_draft, int) or not 1 <= num_draft <= D:
@@ -336,25 +336,3 @@ def speculative_generate(model: MTPModel, prompt: torch.Tensor, max_new_tokens: 
     return SpeculativeGeneration(tokens, torch.ones_like(tokens, dtype=torch.bool),
                                  torch.tensor([finished], device=prompt.device),
                                  drafted=dec.drafted, accepted=dec.accepted, main_forwards=dec.main_forwards)
-
-
-def forced_drafter(oracle: list[int], acceptance: float) -> type:
-    """A SpeculativeDecoder class whose drafts are right (the token of `oracle`, the whole greedy sequence,
-    prompt included) in a fraction `acceptance` of the drafts and wrong in the others, spread evenly and the
-    same on every run: a trained drafter's acceptance rate on untrained weights (`python -m course_lib.bench
-    mtp`), or every draft right (1.0) or wrong (0.0) in tests. Drafts never change the output, only the speed."""
-    if not 0 <= acceptance <= 1:
-        raise ValueError(f"acceptance={acceptance} must be between 0 and 1 (DeepSeek-V3 reports 0.85-0.90).")
-
-    class ForcedDrafter(SpeculativeDecoder):
-        credit = 0.5  # each draft adds `acceptance`, a right one spends 1: round(m · acceptance) of m drafts right
-
-        def propose(self, logits: torch.Tensor, k: int) -> int:
-            right = oracle[len(self.tokens) + k - 1]  # d_k is the draft for t_{n+k-1}
-            self.credit += acceptance
-            if self.credit >= 1 - 1e-9:
-                self.credit -= 1
-                return right
-            return (right + 1) % logits.shape[-1]
-
-    return ForcedDrafter

@@ -12,6 +12,7 @@ import os
 import random
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .config import ModelConfig
@@ -42,13 +43,6 @@ class Profile:
                           intermediate_size=self.intermediate_size,
                           max_position_embeddings=self.max_position_embeddings)
         return cfg.replace(**changes) if changes else cfg
-
-    def mtp_config(self) -> ModelConfig:
-        """Notebook 09's main model: twice the baseline's blocks at three quarters of its width, about the same
-        number of parameters (cpu: 6 x 96, 681k, against 3 x 128, 625k). A speculative draft costs one block,
-        so the deeper the main model, the smaller the draft's share of a forward ([V3]: 1 of 61 layers)."""
-        return self.baseline_config(num_hidden_layers=2 * self.num_hidden_layers, hidden_size=self.hidden_size * 3 // 4,
-                                    intermediate_size=self.intermediate_size * 3 // 4 // 32 * 32)
 
 
 PROFILES = {
@@ -83,12 +77,7 @@ def pick_device() -> torch.device:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed)
-    except ImportError:  # numpy is a dependency, but seeding must never be why a notebook fails
-        pass
+    np.random.seed(seed)
 
 
 def usable_cpus() -> int:
@@ -114,7 +103,7 @@ class NotebookSetup:
 
 
 def setup_notebook(seed: int = 0, profile: str | None = None, quiet: bool = False) -> NotebookSetup:
-    """Seed everything, pick the device and profile, size torch's thread pool, set plotly's renderer.
+    """Seed everything, pick the device and profile, size torch's thread pool.
 
     The course's models are small: their matrices gain little from many threads, and threads that
     outnumber free cores (a container reporting the host's CPUs, a busy laptop) make them many times
@@ -126,12 +115,6 @@ def setup_notebook(seed: int = 0, profile: str | None = None, quiet: bool = Fals
     device = pick_device()
     threads = notebook_threads()
     torch.set_num_threads(threads)
-    try:
-        from .widgets import set_plotly_renderer
-
-        set_plotly_renderer()
-    except ImportError:  # plotly missing: notebooks still run, plots will say why they cannot show
-        pass
     if not quiet:
         print(f"device={device.type} profile={prof.name} threads={threads} torch={torch.__version__.split('+')[0]} seed={seed}")
     return NotebookSetup(device, prof, threads, seed)

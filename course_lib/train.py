@@ -1,6 +1,6 @@
-"""Training and sampling: a loop with a progress bar, checkpoints and resume; batched generation on the KV cache.
+"""The training loop: AdamW with warm-up and cosine decay, a progress bar, checkpoints and exact resume.
 
-Letters: B batch, T tokens, V vocabulary, L generated tokens.
+Letters: B batch, T tokens, V vocabulary.
 
 Resume is exact: the batch for step s is drawn from a generator seeded with (seed, s), the learning
 rate is a function of s, and a checkpoint holds model, optimizer and step. An interrupted run
@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from .model import lm_loss
 
 
 @dataclass(frozen=True)
@@ -54,14 +56,6 @@ class TrainResult:
     resumed_from: int = 0    # the step a checkpoint put us at (0 = fresh start)
     seconds: float = 0.0     # wall time of the steps run in this call
     tokens: int = 0          # training tokens processed in this call
-
-
-def lm_loss(model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the positions where mask is True."""
-    logits = model(tokens[:, :-1])  # (B, T-1, V)
-    targets = tokens[:, 1:]  # (B, T-1)
-    m = mask[:, :-1]  # (B, T-1): mask[t] says token t+1 is learned
-    return F.cross_entropy(logits[m], targets[m])
 
 
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -103,8 +97,6 @@ def train_lm(model, tokens: torch.Tensor, mask: torch.Tensor, cfg: TrainConfig, 
     kernel restart continues where it stopped. `callback(step, loss)` runs after every step (live
     plots); raising from it stops training, and the last checkpoint keeps the work done so far.
     """
-    import time
-
     if tokens.shape != mask.shape or tokens.dim() != 2:
         raise ValueError(f"tokens {tuple(tokens.shape)} and mask {tuple(mask.shape)} must both be (N, L).")
     device = next(model.parameters()).device
@@ -140,143 +132,3 @@ def train_lm(model, tokens: torch.Tensor, mask: torch.Tensor, cfg: TrainConfig, 
     result.seconds = time.perf_counter() - t0
     model.eval()
     return result
-
-
-# ----------------------------------------------------------------------------- sampling
-
-@dataclass
-class Generation:
-    """Completions of a batch: tokens (B, L) right-padded with pad_id, mask (B, L) True on real
-    tokens, finished (B,) True where the stop token was produced (False = truncated at max_new_tokens)."""
-    tokens: torch.Tensor
-    mask: torch.Tensor
-    finished: torch.Tensor
-
-    def to_lists(self) -> list[list[int]]:
-        return [row[m].tolist() for row, m in zip(self.tokens, self.mask)]
-
-
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token ids (B,) from logits (B, V): greedy at temperature 0, else nucleus sampling."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V)
-        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked above each one
-        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)  # keep the smallest set reaching top_p
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
-
-
-@torch.no_grad()
-def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
-             top_p: float = 1.0, stop_id: int | None = None, pad_id: int = 0, use_cache: bool = True,
-             generator: torch.Generator | None = None) -> Generation:
-    """Continue a batch of equal-length prompts (B, T) by up to max_new_tokens tokens.
-
-    With use_cache the prompt is prefilled once and each new token costs one single-token forward
-    on the KV cache; without it every step recomputes the whole sequence (the slow baseline).
-    A row stops after emitting `stop_id`; the batch stops when every row has.
-    """
-    if prompt.dim() != 2:
-        raise ValueError(f"prompt must be (batch, tokens), got {tuple(prompt.shape)}; use prompt[None] for one.")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}.")
-    was_training = model.training
-    model.eval()
-    B = prompt.shape[0]
-    cache = model.new_cache() if use_cache else None
-    seq = prompt
-    logits = model(prompt, cache)[:, -1]  # (B, V)
-    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=prompt.device)
-    done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
-    finished = torch.zeros(B, dtype=torch.bool, device=prompt.device)
-    n = 0
-    for n in range(1, max_new_tokens + 1):
-        nxt = sample_next(logits, temperature, top_p, generator)  # (B,)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        out[:, n - 1] = nxt
-        if stop_id is not None:
-            finished |= (nxt == stop_id) & ~done
-            done |= nxt == stop_id
-            if bool(done.all()):
-                break
-        if n == max_new_tokens:
-            break
-        if use_cache:
-            logits = model(nxt[:, None], cache)[:, -1]  # (B, V): one token in, one position appended
-        else:
-            seq = torch.cat([seq, nxt[:, None]], dim=1)  # (B, T+n)
-            logits = model(seq)[:, -1]  # (B, V): the whole sequence again
-    out = out[:, :n]
-    mask = torch.ones_like(out, dtype=torch.bool)
-    if stop_id is not None:
-        # True up to and including each row's stop token
-        after_stop = (out == stop_id).long().cumsum(1) - (out == stop_id).long() > 0
-        mask = ~after_stop
-    model.train(was_training)
-    return Generation(out, mask, finished)
-
-
-def generate_texts(model, tok, prompts: list[str], max_new_tokens: int, *, batch_size: int = 64,
-                   **kwargs) -> tuple[list[str], list[bool]]:
-    """Complete text prompts (any lengths): prompts of equal token length are batched together.
-    Returns the completions' text and whether each finished (produced the stop token)."""
-    device = next(model.parameters()).device
-    encoded = [tok.encode(p, bos=True) for p in prompts]
-    texts: list[str | None] = [None] * len(prompts)
-    finished: list[bool] = [False] * len(prompts)
-    by_len: dict[int, list[int]] = {}
-    for i, ids in enumerate(encoded):
-        by_len.setdefault(len(ids), []).append(i)
-    for idxs in by_len.values():
-        for s in range(0, len(idxs), batch_size):
-            chunk = idxs[s:s + batch_size]
-            batch = torch.tensor([encoded[i] for i in chunk], device=device)
-            gen = generate(model, batch, max_new_tokens, stop_id=tok.stop_id, pad_id=tok.pad_id, **kwargs)
-            for i, ids, fin in zip(chunk, gen.to_lists(), gen.finished.tolist()):
-                texts[i], finished[i] = tok.decode(ids), fin
-    return texts, finished  # type: ignore[return-value]
-
-
-def evaluate_accuracy(model, tok, problems, max_new_tokens: int, score: Callable | None = None,
-                      **kwargs) -> float:
-    """Fraction of problems whose greedy completion scores 1 (default: the strict accuracy reward)."""
-    if score is None:
-        from .rewards import accuracy_reward as score
-    texts, _ = generate_texts(model, tok, [p.prompt for p in problems], max_new_tokens, **kwargs)
-    return sum(score(t, p.target) for t, p in zip(texts, problems)) / max(1, len(problems))
-
-
-def pretrain_on_task(config, profile, *, name: str | None = None, steps: int | None = None, seed: int = 0,
-                     callback: Callable[[int, float], None] | None = None, progress: bool = True, device=None,
-                     model=None, loss_fn: Callable | None = None):
-    """Build a CourseModel from `config` and train it on the profile's addition examples.
-
-    The shared recipe of every notebook that needs a trained model (notebook 00's baseline, the
-    GQA/MLA/MoE variants, nano-DeepSeek): same data, same steps, same seed, so results compare fairly.
-    With a `name` it checkpoints to `checkpoint_path(name)` and resumes or reloads from there. Pass a
-    prebuilt `model` (then `config` is ignored) when the callback needs it, e.g. an MoE load tracker,
-    and `loss_fn` to add terms to the next-token loss (`train_lm`'s).
-    Returns (model, TrainResult, tokenizer, train_problems, eval_problems).
-    """
-    from .model import CourseModel
-    from .profiles import checkpoint_path
-    from .tasks import Tokenizer, addition_splits, encode_examples
-
-    tok = Tokenizer()
-    train_problems, eval_problems = addition_splits(profile.n_train, profile.n_eval, digits=profile.digits, seed=0)
-    tokens, mask = encode_examples(train_problems, tok)
-    if model is None:
-        torch.manual_seed(seed)
-        model = CourseModel(config)
-    if device is not None:
-        model = model.to(device)
-    steps = steps or profile.pretrain_steps
-    cfg = TrainConfig(steps=steps, batch_size=profile.batch_size, lr=profile.lr, seed=seed,
-                      warmup_steps=min(TrainConfig.warmup_steps, steps))
-    result = train_lm(model, tokens, mask, cfg, checkpoint_path=checkpoint_path(name) if name else None,
-                      callback=callback, progress=progress, loss_fn=loss_fn)
-    return model, result, tok, train_problems, eval_problems

@@ -23,7 +23,7 @@ import torch
 from course_lib.attention import KVCache, MLACache, MultiHeadLatentAttention
 from course_lib.config import ModelConfig
 from course_lib.model import CourseModel, build_attention
-from course_lib.train import generate
+from course_lib.generate import generate
 
 TOL = 1e-5
 CONFIGS = {

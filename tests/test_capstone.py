@@ -5,10 +5,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from course_lib.capstone import (decode_fn, grpo_recipe, held_out_max_violation, kv_bytes_per_token,
-                                 nano_deepseek_config, routed_load, train_nano_deepseek, training_step_fn)
+from course_lib.capstone import (decode_fn, held_out_max_violation, kv_bytes_per_token,
+                                 training_step_fn)
+from course_lib.recipes import grpo_recipe, train_nano_deepseek
+from course_lib.presets import nano_deepseek_config
 from course_lib.model import CourseModel
-from course_lib.moe import moe_layers
+from course_lib.balancing import moe_layers
 from course_lib.profiles import PROFILES
 from course_lib.tasks import Tokenizer, addition_splits, encode_examples
 
@@ -42,24 +44,27 @@ def test_kv_bytes_per_token_reads_the_live_cache():
     assert kv_bytes_per_token(base, prompt) == 2 * TINY.num_hidden_layers * TINY.hidden_size * 4
 
 
-def test_routed_load_counts_only_masked_positions():
+def test_held_out_max_violation_counts_only_masked_positions():
     torch.manual_seed(0)
     model = CourseModel(nano_deepseek_config(TINY)).eval()
     tokens = torch.randint(4, model.config.vocab_size, (3, 6))
     mask = torch.zeros(3, 6, dtype=torch.bool)
     mask[0, :4] = True
     mask[2, 1] = True
-    loads = routed_load(model, tokens, mask)  # (L, E)
-    k = model.config.num_experts_per_tok
-    assert loads.shape == (TINY.num_hidden_layers - 1, model.config.n_routed_experts)
-    assert loads.sum(dim=1).tolist() == [5 * k] * loads.shape[0]
-    # the same counts from the router of each layer, on the kept tokens only
-    for layer, m in enumerate(moe_layers(model)):
-        kept = m.last_topk_idx[mask]  # (5, K)
-        assert torch.equal(loads[layer], torch.bincount(kept.flatten(), minlength=m.config.n_routed_experts))
-    assert held_out_max_violation(model, tokens, mask) >= 0
+    got = held_out_max_violation(model, tokens, mask)
+    # by hand: each MoE layer's load over the 5 kept tokens, MaxVio = max / mean - 1, averaged over layers
+    layers = moe_layers(model)
+    assert len(layers) == TINY.num_hidden_layers - 1
+    expected = []
+    for m in layers:
+        load = torch.bincount(m.last_topk_idx[mask].flatten(), minlength=m.config.n_routed_experts).float()
+        assert load.sum() == 5 * model.config.num_experts_per_tok
+        expected.append((load.max() / load.mean() - 1).item())
+    assert got == pytest.approx(sum(expected) / len(expected)) and got > 0
+    everything = held_out_max_violation(model, tokens, torch.ones_like(mask))
+    assert everything != pytest.approx(got)  # padding positions would change the number: they are left out
     with pytest.raises(ValueError, match="no MoE layer"):
-        routed_load(CourseModel(TINY.baseline_config()), tokens, mask)
+        held_out_max_violation(CourseModel(TINY.baseline_config()), tokens, mask)
 
 
 def test_training_step_fn_trains_a_copy_and_leaves_the_model_alone():

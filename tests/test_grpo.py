@@ -19,7 +19,7 @@ import pytest
 import torch
 from einops import rearrange
 
-from course_lib.grpo import grpo_loss, group_advantages, kl_k3, token_logprobs, zero_variance_mask
+from course_lib.grpo import group_advantages, grpo_loss, kl_k3, token_logprobs, zero_variance_mask
 
 # ---------------------------------------------------------------- advantages
 
@@ -308,16 +308,19 @@ def test_old_logp_ref_logp_and_adv_are_constants():
 #   zero-variance filtering (tied rows leave every normalizer); variant() changes only its fields.
 
 import copy  # noqa: E402
+import json  # noqa: E402
 from dataclasses import asdict  # noqa: E402
 
+from course_lib import recipes  # noqa: E402
+
 from course_lib.config import ModelConfig  # noqa: E402
-from course_lib.grpo import (  # noqa: E402
-    VARIANTS, GRPOConfig, batch_loss, completion_logprobs, evaluate_policy, grpo_step, make_reward, rollout_stats,
-    sample_groups, score_rollout, train_grpo,
-)
+from course_lib.grpo_trainer import GRPOConfig, VARIANTS, batch_loss, grpo_step, train_grpo
+from course_lib.rollout import (completion_logprobs, evaluate, make_reward, rollout_stats, sample_groups,
+                                score_rollout)
 from course_lib.model import CourseModel  # noqa: E402
 from course_lib.tasks import AdditionProblem, Tokenizer, addition_splits  # noqa: E402
-from course_lib.train import generate_texts, make_optimizer  # noqa: E402
+from course_lib.generate import generate_texts
+from course_lib.train import make_optimizer  # noqa: E402
 
 MIXED_LENGTHS = [AdditionProblem(3, 4), AdditionProblem(12, 9), AdditionProblem(347, 85), AdditionProblem(5, 67)]
 
@@ -382,7 +385,8 @@ def test_masks_stop_right_after_answer_close_and_truncation_is_tracked():
 
 def test_greedy_evaluation_agrees_with_generate_texts():
     model, tok = tiny_model(stop_bias=2.0)
-    metrics, ro = evaluate_policy(model, tok, MIXED_LENGTHS, 16)
+    ev = evaluate(model, tok, MIXED_LENGTHS, 16)
+    metrics, ro = ev.metrics(), ev.rollout
     texts, finished = generate_texts(model, tok, [p.prompt for p in MIXED_LENGTHS], 16)
     assert ro.texts == texts and ro.finished.tolist() == finished
     assert metrics["truncation_rate"] == pytest.approx(1 - sum(finished) / len(finished))
@@ -596,16 +600,17 @@ def test_variants_change_only_their_own_fields():
 def test_choose_problems_takes_one_prompt_length_per_step():
     import random as pyrandom
 
-    from course_lib.grpo import choose_problems
+    from course_lib.grpo_trainer import choose_problems
 
     lengths = [5] * 10 + [6] * 30 + [7] * 3
-    picks = [choose_problems(lengths, 4, pyrandom.Random(s)) for s in range(200)]
+    prompts = [[0] * n for n in lengths]  # encoded prompts: only their lengths matter here
+    picks = [choose_problems(prompts, 4, pyrandom.Random(s)) for s in range(200)]
     assert all(len(set(p)) == 4 and len({lengths[i] for i in p}) == 1 for p in picks)
     assert {lengths[p[0]] for p in picks} == {5, 6}  # 7 has too few problems for a batch of 4
     assert 0.6 < sum(lengths[p[0]] == 6 for p in picks) / 200 < 0.9  # in proportion to the pool (30 vs 10)
-    mixed = choose_problems(lengths, 4, pyrandom.Random(0), same_length=False)
+    mixed = choose_problems(prompts, 4, pyrandom.Random(0), same_length=False)
     assert len(set(mixed)) == 4
-    assert len(choose_problems([1, 2, 3, 4], 3, pyrandom.Random(0))) == 3  # no length has 3: any lengths
+    assert len(choose_problems([[0], [0, 0], [0] * 3, [0] * 4], 3, pyrandom.Random(0))) == 3  # no length has 3
 
 
 def test_dynamic_sampling_trains_only_on_groups_with_a_reward_spread():
@@ -628,7 +633,7 @@ def test_dynamic_sampling_trains_only_on_groups_with_a_reward_spread():
     ro2 = sample_groups(model, tok, MIXED_LENGTHS, 2, 6, generator=torch.Generator().manual_seed(0))
     sub = ro2.select_groups([2, 0])
     assert sub.problems == [MIXED_LENGTHS[2], MIXED_LENGTHS[0]] and sub.texts == ro2.texts[4:6] + ro2.texts[0:2]
-    from course_lib.grpo import concat_rollouts
+    from course_lib.rollout import concat_rollouts
 
     both = concat_rollouts([sub, ro2.select_groups([1])], tok.pad_id)
     assert both.tokens.shape[0] == 6 and both.texts[4:] == ro2.texts[2:4]
@@ -639,37 +644,45 @@ def test_dynamic_sampling_trains_only_on_groups_with_a_reward_spread():
 @pytest.mark.slow
 def test_seed_sweep_runs_the_recipe(monkeypatch):
     # the script's plumbing on a tiny stand-in for the profile's model (the real sweep takes minutes)
-    import course_lib.train as train
-
-    real = train.pretrain_on_task
-
-    asked = []
+    real_pretrain, real_train = recipes.pretrain_on_task, recipes.train_grpo
+    asked, configs = [], []
 
     def tiny_pretrain(config, profile, *, steps=None, **kw):
         asked.append(steps)
         small = config.replace(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
-        return real(small, profile, steps=steps or 20, **kw)
+        return real_pretrain(small, profile, steps=steps or 20, **kw)
 
-    monkeypatch.setattr(train, "pretrain_on_task", tiny_pretrain)
-    from course_lib.grpo import seed_sweep
+    def recording_train(model, tok, pool, cfg, **kw):
+        configs.append(cfg)
+        return real_train(model, tok, pool, cfg, **kw)
 
-    rows = seed_sweep([0, 1], steps=1, profile="cpu")
+    monkeypatch.setattr(recipes, "pretrain_on_task", tiny_pretrain)
+    monkeypatch.setattr(recipes, "train_grpo", recording_train)
+    rows = recipes.seed_sweep([0, 1], grpo_steps=1, profile="cpu")
     assert asked == [None, None]  # the profile's pretraining unless told otherwise
-    seed_sweep([0], steps=1, profile="cpu", pretrain_steps=25)
+    recipes.seed_sweep([0], grpo_steps=1, profile="cpu", pretrain_steps=25)
     assert asked[-1] == 25
-    assert [r["seed"] for r in rows] == [0, 1]
+    assert [r["seed"] for r in rows] == [0, 1] and {r["model"] for r in rows} == {"baseline"}
     assert all(0.0 <= r[k] <= 1.0 for r in rows for k in ("accuracy_before", "accuracy_after", "format_after"))
-
-    import course_lib.grpo as grpo
-
-    configs = []
-    real_train = grpo.train_grpo
-    monkeypatch.setattr(grpo, "train_grpo", lambda model, tok, pool, cfg, **kw: configs.append(cfg) or real_train(
-        model, tok, pool, cfg, **kw))
-    seed_sweep([0], steps=1, profile="cpu", variant="dr_grpo")
-    seed_sweep([0], steps=1, profile="cpu")
+    configs.clear()
+    recipes.seed_sweep([0], grpo_steps=1, profile="cpu", variant="dr_grpo")
+    recipes.seed_sweep([0], grpo_steps=1, profile="cpu")
     assert (configs[0].scale_rewards, configs[0].aggregation) == (False, "dr_grpo")  # the switch reached the trainer
     assert (configs[1].scale_rewards, configs[1].aggregation) == (True, "sequence")
+    assert [c.steps for c in configs] == [1, 1]
     assert not any(c.track_kl for c in configs)  # the sweep reports no KL, so it skips the reference forward
     with pytest.raises(ValueError, match="unknown variant"):
-        seed_sweep([0], steps=1, profile="cpu", variant="ppo")
+        recipes.seed_sweep([0], grpo_steps=1, profile="cpu", variant="ppo")
+    with pytest.raises(ValueError, match="unknown model"):
+        recipes.seed_sweep([0], models=("gpt",), profile="cpu")
+
+
+def test_seed_sweep_command_prints_json_rows(monkeypatch, capsys):
+    row = {"seed": 0, "model": "baseline", "accuracy_before": 0.4, "accuracy_after": 0.6, "format_before": 0.9,
+           "format_after": 1.0, "grpo_seconds": 12.0}
+    seen = []
+    monkeypatch.setattr(recipes, "seed_sweep", lambda seeds, models, *a, **kw: seen.append((list(seeds), models)) or [
+        {**row, "seed": s} for s in seeds])
+    recipes.main(["--seeds", "2", "--json"])
+    assert json.loads(capsys.readouterr().out) == [row, {**row, "seed": 1}]
+    assert seen == [([0, 1], ("baseline",))]

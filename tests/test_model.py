@@ -3,7 +3,7 @@ import torch
 
 from course_lib.config import ModelConfig
 from course_lib.model import CourseModel
-from course_lib.train import generate, sample_next
+from course_lib.generate import generate, sample_next
 
 ATTENTIONS = [("mha", None), ("gqa", 2), ("mqa", None)]
 

@@ -23,15 +23,17 @@ import math
 
 import pytest
 import torch
+import transformers  # a test dependency: without it these tests fail at import, they never skip
 from torch import nn
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
 from course_lib.config import ModelConfig
 from course_lib.layers import SwiGLU
 from course_lib.model import CourseModel
-from course_lib.moe import (DISPATCHES, DeepSeekMoE, capacity_drop, dropped_fraction, expert_balance_loss,
-                            expert_load, load_entropy, load_packed_experts, max_violation, pack_experts,
-                            packed_state_dict, sequence_balance_loss, switch_aux_loss, unpack_experts,
-                            update_bias)
+from course_lib.moe import (DeepSeekMoE, DISPATCHES, expert_load, load_packed_experts, pack_experts,
+                            packed_state_dict, unpack_experts)
+from course_lib.balancing import (capacity_drop, dropped_fraction, expert_balance_loss, load_entropy,
+                                  max_violation, sequence_balance_loss, switch_aux_loss, update_bias)
 
 
 def moe_config(**kw) -> ModelConfig:
@@ -66,8 +68,6 @@ PARITY_CASES = [  # n_group, topk_group, norm_topk_prob, routed_scaling_factor
 
 
 def build_pair(n_group, topk_group, norm, scale, seed=0):
-    transformers = pytest.importorskip("transformers")
-    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
     hf_cfg = transformers.DeepseekV3Config(
         hidden_size=32, moe_intermediate_size=16, n_routed_experts=16, n_shared_experts=2, num_experts_per_tok=4,
@@ -178,9 +178,9 @@ def test_all_dispatches_agree_in_output_and_gradient():
 def test_sorted_dispatches_with_skewed_routing_and_idle_experts(name):
     """Skewed routing: expert 0 takes every token, experts 4-7 none (empty segments; for the padded
     dispatch most buffer rows are padding)."""
-    from course_lib.moe import _DISPATCH_FNS, dispatch_expert_loop
+    from course_lib.moe import DISPATCH_FNS, dispatch_expert_loop
 
-    dispatch = _DISPATCH_FNS[name]
+    dispatch = DISPATCH_FNS[name]
 
     torch.manual_seed(2)
     experts = nn.ModuleList(SwiGLU(16, 8) for _ in range(8))
@@ -393,6 +393,14 @@ def test_capacity_drop_hand_case():
         capacity_drop(idx, w, 2, by="random")
 
 
+def test_expert_load_counts_only_masked_positions():
+    topk_idx = torch.tensor([[[0, 1], [2, 3], [0, 2]], [[1, 3], [0, 1], [3, 2]]])  # (B=2, T=3, K=2)
+    assert expert_load(topk_idx, 5).tolist() == [3, 3, 3, 3, 0]
+    mask = torch.tensor([[True, False, True], [False, False, True]])  # (B, T): real tokens
+    assert expert_load(topk_idx, 5, mask).tolist() == [2, 1, 2, 1, 0]
+    assert expert_load(topk_idx, 5, torch.zeros(2, 3, dtype=torch.bool)).tolist() == [0] * 5
+
+
 def test_load_statistics_hand_cases():
     assert expert_load(torch.tensor([[0, 1], [0, 2]]), 4).tolist() == [2, 1, 1, 0]
     assert max_violation(torch.tensor([6, 2, 2, 2])) == pytest.approx(1.0)  # 6 / 3 − 1
@@ -451,10 +459,12 @@ def test_bad_moe_config_raises(bad):
 
 # ---------------------------------------------------------------- training with balancing (notebook 05's helpers)
 
-from course_lib.moe import (BALANCING, CapacityLimit, LoadTracker, TopkRouter, apply_capacity,  # noqa: E402
-                            aux_loss, balancing_loss_fn, dispatch_expert_loop, layer_loads, mean_max_violation,
-                            moe_layers, router_probs)
-from course_lib.train import TrainConfig, lm_loss, train_lm  # noqa: E402
+from course_lib.balancing import (BALANCING, CapacityLimit, LoadTracker, apply_capacity, aux_loss,
+                                  balancing_loss_fn, layer_loads, mean_max_violation, moe_layers,
+                                  router_probs)
+from course_lib.moe import TopkRouter, dispatch_expert_loop
+from course_lib.train import TrainConfig, train_lm
+from course_lib.model import lm_loss  # noqa: E402
 
 
 def tiny_moe_model(**kw) -> CourseModel:

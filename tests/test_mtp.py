@@ -23,10 +23,13 @@ import torch.nn.functional as F
 from course_lib.config import ModelConfig
 from course_lib.model import CourseModel
 from course_lib.moe import DeepSeekMoE
-from course_lib.mtp import (MTPModel, SpeculativeDecoder, forced_drafter, mtp_loss, mtp_loss_fn, mtp_losses,
+from course_lib.mtp import (MTPModel, SpeculativeDecoder, mtp_loss, mtp_loss_fn, mtp_losses,
                             speculative_generate)
+from course_lib.benchmarks.measure import forced_drafter
 from course_lib.tasks import Tokenizer, addition_splits, encode_examples
-from course_lib.train import TrainConfig, generate, lm_loss, train_lm
+from course_lib.train import TrainConfig, train_lm
+from course_lib.generate import generate
+from course_lib.model import lm_loss
 
 V = 24
 

@@ -43,9 +43,10 @@ def test_cpu_baseline_is_the_small_model_the_notebook_promises():
 @pytest.mark.parametrize("name", ["cpu", "gpu"])
 def test_mtp_config_is_deeper_and_narrower_at_about_the_baselines_size(name):
     from course_lib.model import CourseModel
+    from course_lib.presets import mtp_config
 
     profile = PROFILES[name]
-    base, mtp = profile.baseline_config(), profile.mtp_config()
+    base, mtp = profile.baseline_config(), mtp_config(profile)
     assert mtp.num_hidden_layers == 2 * base.num_hidden_layers and mtp.hidden_size < base.hidden_size
     assert mtp.hidden_size % mtp.num_attention_heads == 0 and mtp.intermediate_size % 32 == 0
     ratio = CourseModel(mtp).num_parameters() / CourseModel(base).num_parameters()

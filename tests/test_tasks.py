@@ -3,7 +3,11 @@ import random
 import pytest
 import torch
 
-from course_lib.tasks import TAGS, AdditionProblem, Tokenizer, addition_splits, encode_examples, sample_addition
+from course_lib.tasks import (
+    ADDITION_LEVELS, R1_ZERO_TEMPLATE, TAGS, TEMPLATE, AdditionLevel, AdditionProblem, Templated, Tokenizer,
+    addition_eval_set, addition_splits, apply_template, carries, draw_problems, encode_examples, is_held_out,
+    sample_addition,
+)
 
 
 def test_tags_are_single_tokens_and_roundtrip():
@@ -72,15 +76,7 @@ def test_encode_examples_masks_only_the_completion():
     assert tokens.dtype == torch.long
 
 
-# ---------------------------------------------------------------- template, levels, countdown, held-out sets
-
-from fractions import Fraction  # noqa: E402
-
-from course_lib.tasks import (  # noqa: E402
-    ADDITION_LEVELS, COUNTDOWN_LEVELS, R1_ZERO_TEMPLATE, TEMPLATE, AdditionLevel, CountdownProblem, Templated,
-    addition_eval_set, apply_template, carries, countdown_eval_set, draw_problems, is_held_out,
-    parse_expression, sample_countdown, score_answer,
-)
+# ---------------------------------------------------------------- template, levels, held-out sets
 
 
 def test_templates_tokenize_and_the_short_one_is_short():
@@ -102,8 +98,6 @@ def test_templated_problem_keeps_completion_target_and_verifier():
     t = Templated(p)
     assert (t.completion, t.target) == (p.completion, p.target) and TEMPLATE.count("{question}") == 1
     assert t.verify(p.completion) and not t.verify(p.completion.replace("21", "22"))
-    c = CountdownProblem((3, 7, 25), 54, "(25-7)*3")
-    assert Templated(c).verify(c.completion) and score_answer(Templated(c), c.completion) == 1.0
 
 
 @pytest.mark.parametrize("a, b, n", [(0, 0, 0), (347, 85, 2), (999, 1, 3), (999, 101, 3), (123, 456, 0), (5, 5, 1)])
@@ -125,60 +119,12 @@ def test_levels_sample_what_they_promise():
         AdditionLevel(2, min_carries=3)
 
 
-def test_countdown_generator_is_solvable_and_worked():
-    rng = random.Random(0)
-    for level in COUNTDOWN_LEVELS.values():
-        for _ in range(200):
-            p = sample_countdown(rng, **level)
-            assert len(p.numbers) == level["n_numbers"] and list(p.numbers) == sorted(p.numbers)
-            assert p.check_expression(p.solution) and p.verify(p.completion)
-            # the think part replays the solution: its last step ends in the target
-            steps = p.completion.split("<think>")[1].split("</think>")[0].split(";")
-            assert len(steps) == len(p.numbers) - 1 and steps[-1].endswith(f"={p.target}")
-    assert CountdownProblem((3, 7, 25), 54, "(25-7)*3").prompt == "make 54 from 3,7,25:"
-
-
-@pytest.mark.parametrize("text, value, numbers", [
-    ("(25-7)*3", Fraction(54), [25, 7, 3]),
-    ("25 - 7 * 3", Fraction(4), [25, 7, 3]),          # precedence: * before -
-    ("2*3+4*5", Fraction(26), [2, 3, 4, 5]),
-    ("8-4-2", Fraction(2), [8, 4, 2]),                # left associative
-    ("12/8*2", Fraction(3), [12, 8, 2]),              # exact fractions, no float rounding
-    ("((((7))))", Fraction(7), [7]),
-    ("007+1", Fraction(8), [7, 1]),
-])
-def test_parse_expression_values(text, value, numbers):
-    assert parse_expression(text) == (value, numbers)
-
-
-@pytest.mark.parametrize("text", [
-    "__import__('os').system('ls')", "2**10", "-3+5", "3+", "(3+4", "3+4)", "3 4", "", "()",
-    "5/0", "5/(3-3)", "1e3", "3.5*2", "٣+4", "４+4", "3+x", "12345+1", "1" * 65, "(" * 9 + "1" + ")" * 9,
-    "abs(3)", "3;4", "[3]",
-])
-def test_parse_expression_rejects_everything_else(text):
-    assert parse_expression(text) is None
-
-
-def test_countdown_verifier_checks_numbers_and_value():
-    p = CountdownProblem((3, 7, 25), 54, "(25-7)*3")
-    ok = "<think>x</think><answer>3*(25-7)</answer>"
-    assert p.verify(ok) and score_answer(p, ok) == 1.0
-    for answer in ["54", "(25-7)*3+0", "(25-7)*3*1", "25*3-7-14", "(25-7)*3 - 3 + 3", "(25-7) * 3 ",
-                   "__import__('os')", "(25-7)*3</answer><answer>1"]:
-        expected = answer.strip() == "(25-7) * 3"
-        assert p.verify(f"<think></think><answer>{answer}</answer>") == expected, answer
-    assert not p.verify("(25-7)*3")  # no answer block
-
-
 def test_held_out_split_is_fixed_and_disjoint():
     s1, s2 = addition_eval_set(4), addition_eval_set(4)
     assert s1 == s2 and len(set(s1)) == 100 and all(is_held_out(p) and ADDITION_LEVELS[4].accepts(p) for p in s1)
     train = draw_problems(ADDITION_LEVELS[4].sample, 2000, seed=123)
     assert not set(train) & set(s1) and not any(is_held_out(p) for p in train)
     assert 0.08 < sum(is_held_out(AdditionProblem(a, b)) for a in range(100) for b in range(100)) / 1e4 < 0.17
-    cd = countdown_eval_set(2, n=50)
-    assert cd == countdown_eval_set(2, n=50) and all(is_held_out(p) for p in cd)
     # excluded problems never come back, and an exhausted space fails fast with a clear message
     more = draw_problems(ADDITION_LEVELS[4].sample, 100, seed=123, exclude=train[:50])
     assert not set(more) & set(train[:50])

@@ -6,7 +6,8 @@ import torch
 from course_lib.config import ModelConfig
 from course_lib.model import CourseModel
 from course_lib.tasks import Tokenizer, addition_splits, encode_examples
-from course_lib.train import TrainConfig, evaluate_accuracy, load_checkpoint, train_lm
+from course_lib.train import TrainConfig, load_checkpoint, train_lm
+from course_lib.rollout import evaluate
 
 
 class Interrupt(Exception):
@@ -82,7 +83,7 @@ def test_bad_train_config(changes, message):
         TrainConfig(**changes)
 
 
-def test_evaluate_accuracy_scores_a_perfect_and_a_broken_model():
+def test_evaluate_scores_a_perfect_and_a_broken_model():
     tok = Tokenizer()
     _, ev = addition_splits(8, 6, digits=2, seed=0)
 
@@ -106,15 +107,16 @@ def test_evaluate_accuracy_scores_a_perfect_and_a_broken_model():
                         logits[b, -1, comp[len(row) - len(prompt)]] = 0.0
             return logits
 
-    assert evaluate_accuracy(Oracle(), tok, ev, max_new_tokens=40, use_cache=False) == 1.0
+    perfect = evaluate(Oracle(), tok, ev, max_new_tokens=40, use_cache=False)
+    assert (perfect.accuracy, perfect.format_rate, perfect.truncation_rate) == (1.0, 1.0, 0.0)
     untrained, _, _ = setup()
-    assert evaluate_accuracy(untrained, tok, ev, max_new_tokens=10) == 0.0
+    assert evaluate(untrained, tok, ev, max_new_tokens=10).accuracy == 0.0
 
 
 def test_resume_is_exact_when_the_callback_moves_the_router_bias(tmp_path):
     # LoadTracker changes the aux-loss-free bias after each step; the checkpoint must hold that change,
     # else a run resumed from a checkpoint routes differently from an uninterrupted one.
-    from course_lib.moe import LoadTracker, moe_layers
+    from course_lib.balancing import LoadTracker, moe_layers
 
     def moe_setup(seed=0):
         model, tokens, mask = setup(seed)

@@ -73,7 +73,7 @@ def test_changing_a_control_changes_the_figure(control, value):
 
 def test_explorer_prints_a_table_and_refuses_unknown_values(capsys, monkeypatch):
     shown = []
-    monkeypatch.setattr(widgets, "_display", shown.append)
+    monkeypatch.setattr(widgets.cache, "_display", shown.append)  # where CacheExplorer looks it up
     ex = widgets.CacheExplorer(preset="deepseek-llm-67b", num_tokens=4096, batch_size=8, show=True)
     assert shown == [ex.widget]
     out = capsys.readouterr().out.splitlines()
@@ -168,7 +168,7 @@ def test_completions_html_escapes_and_colours():
 
 
 def test_rollout_rows_mark_correct_and_well_formed():
-    from course_lib.grpo import Rollout
+    from course_lib.rollout import Rollout
     from course_lib.tasks import AdditionProblem
 
     problems = [AdditionProblem(1, 2), AdditionProblem(3, 4)]

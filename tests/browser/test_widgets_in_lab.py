@@ -14,7 +14,7 @@ A live view's loop runs only once the widget has rendered ("Run All Above" the l
 "Run Selected Cell and All Below"), so a short loop shows every redraw however slow the machine is.
 The course notebooks themselves are not re-run here (nbval does that), and the notebooks' kernels
 are started and warmed together: about two minutes on 2 busy cores for five widgets. One `WidgetCase`
-per widget; `test_every_widget_has_a_browser_case` fails when widgets.py gains a widget without one.
+per widget; `test_every_widget_has_a_browser_case` fails when course_lib.widgets gains a widget without one.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ CASES = [
     WidgetCase(
         "CompletionsViewer",
         cells=("import torch\n"
-               "from course_lib.grpo import Rollout\n"
+               "from course_lib.rollout import Rollout\n"
                "from course_lib.tasks import AdditionProblem\n"
                "viewer = widgets.CompletionsViewer(groups=1, per_group=2, title='browser test: samples')\n"
                f"COMPLETIONS = {COMPLETIONS!r}",),
@@ -366,9 +366,9 @@ def test_widget_renders_and_reacts_in_jupyterlab(case, notebooks, lab_page):
 
 
 def test_every_widget_has_a_browser_case():
-    """A widget that lands in widgets.py without a case here would go untested in a browser."""
+    """A widget that lands in course_lib.widgets without a case here would go untested in a browser."""
     classes = {name for name, obj in inspect.getmembers(widgets, inspect.isclass)
-               if obj.__module__ == widgets.__name__ and not name.startswith("_")}
+               if obj.__module__.startswith(widgets.__name__ + ".") and not name.startswith("_")}
     missing = classes - {case.widget for case in CASES}
     assert not missing, (f"widgets {sorted(missing)} have no case in tests/browser/test_widgets_in_lab.py: "
                          "add a WidgetCase (the cells that show it, its controls and what must change)")

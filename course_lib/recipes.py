@@ -1,0 +1,161 @@
+"""The course's recipes, on top of everything else: pretraining on the task, GRPO, nano-DeepSeek, seed sweeps.
+
+A recipe fixes data, steps, schedule and seed, so every notebook that trains "the baseline" or "GRPO on it"
+trains the same thing and results compare fairly:
+- `pretrain_on_task`: notebook 00's pretraining, shared by every model of notebooks 01-09;
+- `grpo_recipe`: notebook 07's GRPO protocol, reused by notebook 08;
+- `train_nano_deepseek`: notebook 08's model pretrained with V3's balancing ([V3] arXiv:2412.19437 §2.1.2);
+- `seed_sweep`: the whole recipe on several seeds, the spread behind every single-seed number:
+
+    python -m course_lib.recipes --seeds 3                      # GRPO on the baseline, seeds 0, 1, 2
+    python -m course_lib.recipes --seeds 2 --models baseline nano_deepseek
+    python -m course_lib.recipes --seeds 3 --variant dynamic_sampling --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from typing import Callable
+
+import torch
+
+from .balancing import LoadTracker, balancing_loss_fn
+from .config import ModelConfig
+from .grpo_trainer import VARIANTS, GRPOConfig, train_grpo
+from .model import CourseModel
+from .presets import nano_deepseek_config
+from .profiles import checkpoint_path, get_profile
+from .rollout import evaluate, make_reward
+from .tasks import Tokenizer, addition_splits, draw_problems, encode_examples, sample_addition
+from .train import TrainConfig, train_lm
+
+# V3's balancing ([V3] §2.1.2): the bias update speed γ, and the tiny sequence-wise loss weight α
+# (V3 uses γ = 0.001 over 14.8T tokens and α = 1e-4; a few hundred steps need a faster γ, notebook 05).
+BIAS_GAMMA = 0.01
+SEQUENCE_ALPHA = 1e-4
+MODELS = ("baseline", "nano_deepseek")
+
+
+def pretrain_on_task(config, profile, *, name: str | None = None, steps: int | None = None, seed: int = 0,
+                     callback: Callable[[int, float], None] | None = None, progress: bool = True, device=None,
+                     model=None, loss_fn: Callable | None = None):
+    """Build a CourseModel from `config` and train it on the profile's addition examples.
+
+    The shared recipe of every notebook that needs a trained model (notebook 00's baseline, the
+    GQA/MLA/MoE variants, nano-DeepSeek): same data, same steps, same seed, so results compare fairly.
+    With a `name` it checkpoints to `checkpoint_path(name)` and resumes or reloads from there. Pass a
+    prebuilt `model` (then `config` is ignored) when the callback needs it, e.g. an MoE load tracker,
+    and `loss_fn` to add terms to the next-token loss (`train_lm`'s).
+    Returns (model, TrainResult, tokenizer, train_problems, eval_problems).
+    """
+    tok = Tokenizer()
+    train_problems, eval_problems = addition_splits(profile.n_train, profile.n_eval, digits=profile.digits, seed=0)
+    tokens, mask = encode_examples(train_problems, tok)
+    if model is None:
+        torch.manual_seed(seed)
+        model = CourseModel(config)
+    if device is not None:
+        model = model.to(device)
+    steps = steps or profile.pretrain_steps
+    cfg = TrainConfig(steps=steps, batch_size=profile.batch_size, lr=profile.lr, seed=seed,
+                      warmup_steps=min(TrainConfig.warmup_steps, steps))
+    result = train_lm(model, tokens, mask, cfg, checkpoint_path=checkpoint_path(name) if name else None,
+                      callback=callback, progress=progress, loss_fn=loss_fn)
+    return model, result, tok, train_problems, eval_problems
+
+
+def grpo_recipe(profile, eval_problems: list, seed: int = 0, steps: int | None = None):
+    """Notebook 07's GRPO protocol for a profile: (config, 4000 training questions disjoint from
+    `eval_problems`, reward = accuracy + 0.5·format). Notebook 08 and the seed sweep reuse it."""
+    steps = steps or {"cpu": 60, "gpu": 200}[profile.name]
+    pool = draw_problems(lambda rng: sample_addition(rng, profile.digits), 4000, seed=seed + 1, split="any",
+                         exclude=eval_problems)
+    cfg = GRPOConfig(steps=steps, prompts_per_step=16, group_size=8, max_new_tokens=48, lr=1e-4,
+                     warmup_steps=min(10, steps), seed=seed)
+    return cfg, pool, make_reward(accuracy_weight=1.0, format_weight=0.5)
+
+
+def train_nano_deepseek(profile, *, seed: int = 0, name: str | None = None, on_load=None, then=None,
+                        progress: bool = True, device=None, config: ModelConfig | None = None,
+                        steps: int | None = None):
+    """Pretrain nano-DeepSeek with the baseline's recipe (`pretrain_on_task`: same data, steps and
+    schedule), balancing with V3's bias update and sequence-wise loss. Checkpoints under `name` (resumes
+    exactly, bias included). Returns (model, TrainResult, LoadTracker, tokenizer, train_problems, eval_problems)."""
+    torch.manual_seed(seed)
+    model = CourseModel(config or nano_deepseek_config(profile))
+    tracker = LoadTracker(model, gamma=BIAS_GAMMA, on_load=on_load, then=then)
+    model, result, tok, train_problems, eval_problems = pretrain_on_task(
+        None, profile, name=name, steps=steps, seed=seed, callback=tracker, progress=progress, device=device,
+        model=model, loss_fn=balancing_loss_fn("sequence", SEQUENCE_ALPHA))
+    return model, result, tracker, tok, train_problems, eval_problems
+
+
+# ----------------------------------------------------------------------------- seed sweep (a script)
+
+def seed_sweep(seeds, models: tuple[str, ...] = ("baseline",), profile: str | None = None, progress: bool = False,
+               pretrain_steps: int | None = None, grpo_steps: int | None = None, variant: str | None = None,
+               on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """For each seed and each of `models`, the whole recipe: pretrain (with `pretrain_steps`, longer or
+    shorter than the profile's), measure greedy held-out accuracy, run `grpo_recipe` (with `variant`, one of
+    `VARIANTS` switched on), measure again. Returns one row of plain numbers per seed and model; `on_row(row)`
+    sees each row as soon as it is measured."""
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}: use {MODELS}.")
+    if variant is not None:
+        GRPOConfig().variant(variant)  # an unknown name fails here, before minutes of pretraining
+    prof = get_profile(profile)
+    rows = []
+    for seed in seeds:
+        for name in models:
+            if name == "baseline":
+                model, _, tok, _, eval_problems = pretrain_on_task(prof.baseline_config(), prof, seed=seed,
+                                                                   progress=progress, steps=pretrain_steps)
+            else:
+                model, _, _, tok, _, eval_problems = train_nano_deepseek(prof, seed=seed, progress=progress,
+                                                                         steps=pretrain_steps)
+            before = evaluate(model, tok, eval_problems, 64)
+            cfg, pool, reward = grpo_recipe(prof, eval_problems, seed, grpo_steps)
+            cfg = cfg.variant(variant) if variant else cfg
+            cfg = replace(cfg, track_kl=False)  # the sweep reports no KL: skip the reference model's forward
+            result = train_grpo(model, tok, pool, cfg, reward_fn=reward, progress=progress)
+            after = evaluate(model, tok, eval_problems, 64)
+            rows.append({"seed": seed, "model": name, "accuracy_before": before.accuracy,
+                         "accuracy_after": after.accuracy, "format_before": before.format_rate,
+                         "format_after": after.format_rate, "grpo_seconds": result.seconds})
+            if on_row is not None:
+                on_row(rows[-1])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m course_lib.recipes",
+                                     description="Pretraining then GRPO, held-out accuracy before and after, one run per seed.")
+    parser.add_argument("--seeds", type=int, default=3, help="how many seeds (default 3)")
+    parser.add_argument("--first-seed", type=int, default=0, help="start the seeds here (default 0)")
+    parser.add_argument("--models", nargs="+", default=["baseline"], choices=MODELS, help="which models (default: baseline)")
+    parser.add_argument("--profile", default=None, help="cpu or gpu (default: $COURSE_PROFILE, else by device)")
+    parser.add_argument("--pretrain-steps", type=int, default=None, help="pretraining steps (default: the profile's)")
+    parser.add_argument("--steps", type=int, default=None, help="GRPO steps (default: the profile's)")
+    parser.add_argument("--variant", default=None, choices=sorted(VARIANTS), help="a GRPO variant (default: plain GRPO)")
+    parser.add_argument("--json", action="store_true", help="print one JSON list of the rows instead of a table")
+    args = parser.parse_args(argv)
+
+    def show(row: dict) -> None:
+        print(f"{row['seed']:>4} {row['model']:<14} {row['accuracy_before']:>10.1%} {row['accuracy_after']:>10.1%} "
+              f"{row['format_after']:>13.1%} {row['grpo_seconds']:>7.0f}", flush=True)
+
+    if not args.json:
+        print(f"GRPO variant: {args.variant or 'grpo'}")
+        print(f"{'seed':>4} {'model':<14} {'acc before':>10} {'acc after':>10} {'format after':>13} {'GRPO s':>7}")
+    rows = seed_sweep(range(args.first_seed, args.first_seed + args.seeds), tuple(args.models), args.profile,
+                      progress=False, pretrain_steps=args.pretrain_steps, grpo_steps=args.steps, variant=args.variant,
+                      on_row=None if args.json else show)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
