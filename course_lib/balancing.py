@@ -22,59 +22,77 @@ from torch import nn
 from .model import lm_loss
 from .moe import DeepSeekMoE, TopkRouter, group_by_expert
 
-def switch_aux_loss(probs: torch.Tensor, alpha: float = 0.01) -> torch.Tensor:
+def switch_aux_loss(probs: torch.Tensor, alpha: float = 0.01, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Switch Transformer's load-balancing loss α·E·Σ_i f_i P_i over all tokens of probs (..., E).
 
     Fedus et al. 2021 (Switch Transformers, arXiv:2101.03961) §2.2 eqs 4–6: f_i = fraction of
     tokens whose top-1 expert is i, P_i = mean router probability of expert i; α = 1e-2 in that paper.
     GShard's l_aux is the same f·P product with first-choice counts under a different constant.
     Counting only the first choice is what sets it apart from `expert_balance_loss`. Pass softmax
-    probabilities (normalize sigmoid scores first, as `sequence_balance_loss` does).
+    probabilities (normalize sigmoid scores first, as `sequence_balance_loss` does). With `mask` (the
+    shape of probs without E), only the real tokens count.
     """
     probs = probs.reshape(-1, probs.shape[-1])  # (N, E)
+    if mask is not None:
+        probs = probs[mask.reshape(-1)]  # (real tokens, E)
     E = probs.shape[-1]
     f = F.one_hot(probs.argmax(-1), E).float().mean(0)  # (E,)
     P = probs.mean(0)  # (E,)
     return alpha * E * (f * P).sum()
 
 
-def _f_times_p(probs: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
-    """Σ_i f_i P_i per sequence, averaged over sequences; f_i = E/(K·T)·count_i, P_i = mean_t probs_i."""
+def _f_times_p(probs: torch.Tensor, topk_idx: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_i f_i P_i per sequence, averaged over sequences; f_i = E/(K·T)·count_i, P_i = mean_t probs_i.
+
+    With `mask` (B, T), T is each sequence's count of real tokens and only they are summed; a sequence
+    with none is left out of the mean."""
     if probs.ndim == 2:
         probs, topk_idx = probs[None], topk_idx[None]  # (1, T, E), (1, T, K)
+        mask = None if mask is None else mask[None]  # (1, T)
     _, T, E = probs.shape
     K = topk_idx.shape[-1]
-    counts = F.one_hot(topk_idx, E).sum(dim=(1, 2)).float()  # (B, E)
-    f = counts * E / (K * T)  # (B, E)
-    P = probs.mean(1)  # (B, E)
-    return (f * P).sum(-1).mean()
+    if mask is None:
+        counts = F.one_hot(topk_idx, E).sum(dim=(1, 2)).float()  # (B, E)
+        f = counts * E / (K * T)  # (B, E)
+        P = probs.mean(1)  # (B, E)
+        return (f * P).sum(-1).mean()
+    m = mask.to(probs.dtype)  # (B, T)
+    n = m.sum(1, keepdim=True)  # (B, 1) real tokens per sequence
+    keep = n[:, 0] > 0  # (B,)
+    counts = (F.one_hot(topk_idx, E).sum(2).float() * m[..., None]).sum(1)  # (B, E)
+    f = counts[keep] * E / (K * n[keep])  # (B', E)
+    P = (probs * m[..., None]).sum(1)[keep] / n[keep]  # (B', E)
+    return (f * P).sum(-1).mean() if keep.any() else probs.sum() * 0.0
 
 
 # L_ExpBal = α1 Σ_i f_i P_i,  f_i = N_r/(K_r T) Σ_t 1(token t selects i),  P_i = (1/T) Σ_t s_{i,t}   [V2] 23–25
-def expert_balance_loss(probs: torch.Tensor, topk_idx: torch.Tensor, alpha: float = 0.003) -> torch.Tensor:
+def expert_balance_loss(probs: torch.Tensor, topk_idx: torch.Tensor, alpha: float = 0.003,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
     """DeepSeek-V2's expert-level balance loss ([V2] §2.2.3, eqs 23–25; α1 = 0.003, §3.1.2).
 
     probs (B, T, E) softmax affinities and topk_idx (B, T, K), or (T, E) and (T, K) for one sequence. T is
     the tokens of a sequence, as the paper defines it; the loss is averaged over the B sequences. f counts
-    all K selections (scaled so a perfectly balanced router gives f_i = 1 and the loss is α).
+    all K selections (scaled so a perfectly balanced router gives f_i = 1 and the loss is α). With `mask`
+    (B, T), True on real tokens, T counts a sequence's real tokens and padding adds nothing.
     """
-    return alpha * _f_times_p(probs, topk_idx)
+    return alpha * _f_times_p(probs, topk_idx, mask)
 
 
 # L_Bal = α Σ_i f_i P_i,  f_i = N_r/(K_r T) Σ_t 1(s_{i,t} ∈ Topk(s_t, K_r))     [V3] eqs 17–18
 # s'_{i,t} = s_{i,t} / Σ_j s_{j,t},  P_i = (1/T) Σ_t s'_{i,t}                   [V3] eqs 19–20
-def sequence_balance_loss(scores: torch.Tensor, k: int, alpha: float = 1e-4,
-                          topk_idx: torch.Tensor | None = None) -> torch.Tensor:
+def sequence_balance_loss(scores: torch.Tensor, k: int, alpha: float = 1e-4, topk_idx: torch.Tensor | None = None,
+                          mask: torch.Tensor | None = None) -> torch.Tensor:
     """DeepSeek-V3's complementary sequence-wise balance loss ([V3] §2.1.2, eqs 17–20; α = 1e-4, §4.2).
 
     scores (B, T, E) are the raw sigmoid affinities s; they are normalized per token (eq 19) before the mean.
     By default f counts the top-K of the UN-biased s, as eq 18 is printed; pass `topk_idx` (B, T, K) to count
-    the experts actually routed to (bias- and group-limited selection, eq 16) instead.
+    the experts actually routed to (bias- and group-limited selection, eq 16) instead. With `mask` (B, T),
+    only real tokens count, as in `expert_balance_loss`.
     """
     if topk_idx is None:
         topk_idx = scores.topk(k, dim=-1).indices  # (B, T, K)
     probs = scores / scores.sum(-1, keepdim=True)  # (B, T, E)  eq 19
-    return alpha * _f_times_p(probs, topk_idx)
+    return alpha * _f_times_p(probs, topk_idx, mask)
 
 
 @torch.no_grad()
@@ -92,27 +110,30 @@ def update_bias(moe: DeepSeekMoE, load: torch.Tensor | None = None, gamma: float
 
 
 def capacity_drop(topk_idx: torch.Tensor, topk_weight: torch.Tensor, num_experts: int,
-                  capacity_factor: float = 1.0, by: str = "score") -> torch.Tensor:
+                  capacity_factor: float = 1.0, by: str = "score", mask: torch.Tensor | None = None) -> torch.Tensor:
     """Token dropping under a capacity factor: (N, K) bool, True for the token-slots that are dropped.
 
     Each expert takes at most C = ceil(capacity_factor · N·K / E) slots. by="score" drops the slots with the
     lowest routing weight first, the rule DeepSeek-V2 applies per device ([V2] §2.2.4; here per expert);
     by="position" keeps the earliest tokens, as Switch Transformer does. DeepSeek-V3 drops nothing
     ([V3] §2.1.2); this is for contrast. To apply it, zero the dropped weights:
-    `topk_weight.masked_fill(dropped, 0)`.
+    `topk_weight.masked_fill(dropped, 0)`. With `mask` (N,), True on real tokens, N counts real tokens only
+    and padding never takes a slot (its slots come back dropped: it has no output worth computing).
     """
     if by not in ("score", "position"):
         raise ValueError(f"by={by!r} is not known. Use 'score' or 'position'.")
     N, K = topk_idx.shape
-    C = math.ceil(capacity_factor * N * K / num_experts)
-    flat_idx = topk_idx.flatten()  # (N·K,)
+    real = torch.ones(N, dtype=torch.bool, device=topk_idx.device) if mask is None else mask.reshape(N)  # (N,)
+    C = math.ceil(capacity_factor * int(real.sum()) * K / num_experts)
+    real_slot = real.repeat_interleave(K)  # (N·K,)
+    queue = torch.where(real_slot, topk_idx.flatten(), num_experts)  # (N·K,) padding waits in a queue of its own
     priority = None  # token order
     if by == "score":
         priority = topk_weight.flatten().argsort(descending=True, stable=True)  # (N·K,) best first
-    order, rank, _ = group_by_expert(flat_idx, num_experts, priority)  # (N·K,) place in its expert's queue
-    dropped = torch.zeros(N * K, dtype=torch.bool, device=flat_idx.device)
+    order, rank, _ = group_by_expert(queue, num_experts + 1, priority)  # (N·K,) place in its expert's queue
+    dropped = torch.zeros(N * K, dtype=torch.bool, device=topk_idx.device)
     dropped[order] = rank >= C
-    return dropped.reshape(N, K)  # (N, K)
+    return (dropped | ~real_slot).reshape(N, K)  # (N, K)
 
 
 # ----------------------------------------------------------------------------- load statistics
@@ -139,8 +160,11 @@ def load_entropy(load: torch.Tensor, normalized: bool = False) -> float:
     return h / math.log(load.numel()) if load.numel() > 1 else 1.0
 
 
-def dropped_fraction(dropped: torch.Tensor) -> float:
-    """Fraction of token-slots dropped (from `capacity_drop`)."""
+def dropped_fraction(dropped: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """Fraction of token-slots dropped (from `capacity_drop`), over the real tokens' slots when `mask` (N,)
+    marks them."""
+    if mask is not None:
+        dropped = dropped[mask.reshape(-1)]  # (real tokens, K)
     return dropped.float().mean().item()
 
 
@@ -173,12 +197,13 @@ def aux_loss(moe: DeepSeekMoE, method: str, alpha: float) -> torch.Tensor:
     (Switch: first choices over the batch; V2: all K choices per sequence; V3: per sequence, on normalized
     sigmoid scores). f counts the experts actually routed to (`last_topk_idx`, after group limits and bias).
     """
+    mask = moe.last_mask  # (B, T) real tokens, or None: padding never counts
     if method == "switch":
-        return switch_aux_loss(router_probs(moe), alpha)
+        return switch_aux_loss(router_probs(moe), alpha, mask)
     if method == "expert":
-        return expert_balance_loss(router_probs(moe), moe.last_topk_idx, alpha)
+        return expert_balance_loss(router_probs(moe), moe.last_topk_idx, alpha, mask)
     if method == "sequence":
-        return sequence_balance_loss(moe.last_scores, moe.gate.top_k, alpha, topk_idx=moe.last_topk_idx)
+        return sequence_balance_loss(moe.last_scores, moe.gate.top_k, alpha, topk_idx=moe.last_topk_idx, mask=mask)
     raise ValueError(f"method={method!r} has no auxiliary loss. Use one of {AUX_LOSSES}.")
 
 
@@ -209,21 +234,24 @@ class CapacityLimit:
 
     Dropped slots get weight 0, so they add nothing to the output and pass no gradient (the dispatch
     still computes them: a real capacity-factor kernel would skip them). Nothing is dropped in eval mode,
-    as DeepSeek-V2 does ([V2] §3.1.2). `last_dropped` (N, K) holds the last training forward's drops.
+    as DeepSeek-V2 does ([V2] §3.1.2). `last_dropped` (N, K) holds the last training forward's drops and
+    `last_mask` (N,) its real tokens (padding takes no slot; see `capacity_drop`).
     """
 
     def __init__(self, gate: TopkRouter, capacity_factor: float, by: str = "score") -> None:
         self.capacity_factor, self.by = capacity_factor, by
         self.num_experts = gate.weight.shape[0]
         self.last_dropped: torch.Tensor | None = None
+        self.last_mask: torch.Tensor | None = None
         self.handle = gate.register_forward_hook(self)
 
     def __call__(self, gate: nn.Module, inputs, output):
         if not gate.training:
             return output
         topk_idx, topk_weight, scores = output  # (N, K), (N, K), (N, E)
-        dropped = capacity_drop(topk_idx, topk_weight, self.num_experts, self.capacity_factor, self.by)  # (N, K)
-        self.last_dropped = dropped
+        mask = inputs[1] if len(inputs) > 1 else None  # (N,): the router's token_mask
+        dropped = capacity_drop(topk_idx, topk_weight, self.num_experts, self.capacity_factor, self.by, mask)  # (N, K)
+        self.last_dropped, self.last_mask = dropped, mask
         return topk_idx, topk_weight.masked_fill(dropped, 0.0), scores
 
     def remove(self) -> None:
@@ -277,7 +305,8 @@ class LoadTracker:
         self.max_vio.append(mean_max_violation(loads))
         self.entropy.append(sum(load_entropy(row, normalized=True) for row in loads) / len(loads))
         if self.capacity:
-            self.dropped.append(sum(dropped_fraction(c.last_dropped) for c in self.capacity) / len(self.capacity))
+            self.dropped.append(sum(dropped_fraction(c.last_dropped, c.last_mask) for c in self.capacity)
+                                / len(self.capacity))
         if loss is not None:
             self.losses.append(float(loss))
         if self.gamma > 0:

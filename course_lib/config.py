@@ -31,6 +31,7 @@ class ModelConfig:
     rope_theta: float = 10000.0         # RoPE base
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False   # share embed_tokens and lm_head weights
+    pad_token_id: int | None = None     # padding positions: MoE routing statistics and balancing skip them
     attention: str = "mha"              # which attention module: one of ATTENTION_KINDS
     ffn: str = "dense"                  # which FFN module: one of FFN_KINDS
     # --- MLA ([V2] §2.1.2-2.1.3), used when attention == "mla"

@@ -66,9 +66,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = build_ffn(config, layer_idx)
 
-    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """token_mask (B, T), True on real tokens, tells an MoE FFN which positions its statistics count."""
         x = x + self.self_attn(self.input_layernorm(x), cache)  # (B, T, hidden)
-        return x + self.mlp(self.post_attention_layernorm(x))  # (B, T, hidden)
+        h = self.post_attention_layernorm(x)  # (B, T, hidden)
+        return x + (self.mlp(h, token_mask) if isinstance(self.mlp, DeepSeekMoE) else self.mlp(h))  # (B, T, hidden)
 
 
 class CourseModel(nn.Module):
@@ -107,8 +109,10 @@ class CourseModel(nn.Module):
             raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}. "
                              "Add a batch dimension with input_ids[None].")
         x = self.embed_tokens(input_ids)  # (B, T, hidden)
+        pad = self.config.pad_token_id
+        token_mask = None if pad is None else input_ids != pad  # (B, T): what routing statistics count
         for i, layer in enumerate(self.layers):
-            x = layer(x, None if cache is None else cache[i])  # (B, T, hidden)
+            x = layer(x, None if cache is None else cache[i], token_mask)  # (B, T, hidden)
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         return (logits, x) if return_hidden else logits
 

@@ -69,10 +69,12 @@ class TopkRouter(nn.Module):
         logits = F.linear(x.float(), self.weight.float())  # (N, E)
         return logits.softmax(-1) if self.scoring_func == "softmax" else logits.sigmoid()
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Tokens x (N, hidden) -> topk_idx (N, K), topk_weight (N, K) float32, scores s (N, E) float32.
 
-        topk_idx is sorted by biased score, best first.
+        topk_idx is sorted by biased score, best first. Routing is per token: `token_mask` (N,), True on real
+        tokens, changes nothing here; it is an argument so that forward hooks (a capacity limit) see it.
         """
         if self.group_score not in GROUP_SCORES:
             raise ValueError(f"group_score={self.group_score!r} is not known. Use one of {GROUP_SCORES}.")
@@ -219,7 +221,10 @@ class DeepSeekMoE(nn.Module):
     forward(x) returns Σ_shared FFN(u) + Σ_i g_i FFN_i(u); the residual u is added by the block.
     `dispatch` picks how tokens reach experts: "token_loop", "expert_loop", "vectorized" or "padded" (same result).
     After each forward, `last_scores` (B, T, E) (router affinities, still in the autograd graph for an
-    aux loss), `last_topk_idx` (B, T, K) and `last_load` (E,) (token-slots per expert) hold that step's routing.
+    aux loss), `last_topk_idx` (B, T, K), `last_mask` (B, T) (True on real tokens, None when all are) and
+    `last_load` (E,) (token-slots per expert, real tokens only) hold that step's routing. Padding is routed
+    like any token, but no statistic and no balancing method counts it: DeepSeek trains on packed sequences,
+    whose loads hold real tokens only.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -236,20 +241,25 @@ class DeepSeekMoE(nn.Module):
         self.dispatch = "vectorized"
         self.last_scores: torch.Tensor | None = None
         self.last_topk_idx: torch.Tensor | None = None
+        self.last_mask: torch.Tensor | None = None
         self.last_load: torch.Tensor | None = None
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens x (B, T, hidden) -> topk_idx (B·T, K), topk_weight (B·T, K); records the last_* statistics."""
-        topk_idx, topk_weight, scores = self.gate(x.reshape(-1, x.shape[-1]))  # (N, K), (N, K), (N, E)
+    def route(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens x (B, T, hidden) -> topk_idx (B·T, K), topk_weight (B·T, K); records the last_* statistics,
+        counting only the positions where `token_mask` (B, T) is True (all of them without a mask)."""
+        flat_mask = None if token_mask is None else token_mask.reshape(-1)  # (N,)
+        topk_idx, topk_weight, scores = self.gate(x.reshape(-1, x.shape[-1]), flat_mask)  # (N, K), (N, K), (N, E)
         self.last_scores = scores.reshape(*x.shape[:-1], -1)  # (B, T, E)
         self.last_topk_idx = topk_idx.reshape(*x.shape[:-1], -1)  # (B, T, K)
-        self.last_load = expert_load(topk_idx, len(self.experts))  # (E,)
+        self.last_mask = token_mask
+        self.last_load = expert_load(topk_idx, len(self.experts), flat_mask)  # (E,)
         return topk_idx, topk_weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, hidden) -> (B, T, hidden); `token_mask` (B, T) marks the real tokens (see the class doc)."""
         if self.dispatch not in DISPATCH_FNS:
             raise ValueError(f"dispatch={self.dispatch!r} is not known. Use one of {DISPATCHES}.")
-        topk_idx, topk_weight = self.route(x)  # (N, K), (N, K)
+        topk_idx, topk_weight = self.route(x, token_mask)  # (N, K), (N, K)
         flat = x.reshape(-1, x.shape[-1])  # (N, hidden)
         y = DISPATCH_FNS[self.dispatch](self.experts, flat, topk_idx, topk_weight).reshape(x.shape)  # (B, T, hidden)
         if self.shared_experts is not None:

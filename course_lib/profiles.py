@@ -38,7 +38,8 @@ class Profile:
 
     def baseline_config(self, **changes) -> ModelConfig:
         """The notebook-00 baseline: dense MHA decoder sized by this profile."""
-        cfg = ModelConfig(vocab_size=Tokenizer().vocab_size, hidden_size=self.hidden_size,
+        tok = Tokenizer()
+        cfg = ModelConfig(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, hidden_size=self.hidden_size,
                           num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
                           intermediate_size=self.intermediate_size,
                           max_position_embeddings=self.max_position_embeddings)
