@@ -80,7 +80,8 @@ ROWS = (
     ("accuracy_before_grpo", "held-out accuracy before GRPO", "{:.1%}"),
     ("accuracy_after_grpo", "held-out accuracy after GRPO", "{:.1%}"),
     ("format_rate_after_grpo", "format rate after GRPO", "{:.1%}"),
-    ("max_vio", "expert load imbalance (MaxVio, held-out)", "{:.2f}"),
+    ("max_vio_before_grpo", "expert load imbalance before GRPO (MaxVio, held-out)", "{:.2f}"),
+    ("max_vio_after_grpo", "expert load imbalance after GRPO (MaxVio, held-out)", "{:.2f}"),
 )
 MODELS = (("baseline", "dense MHA baseline"), ("nano_deepseek", "nano-DeepSeek"))
 

@@ -222,7 +222,8 @@ def train_grpo(model, tok, problems: list, cfg: GRPOConfig, *, reward_fn: Callab
     the checkpoint, so a resumed run measures KL against the same reference). If
     ``checkpoint_path`` holds a checkpoint, training resumes from it; the result of an interrupted
     and resumed run equals an uninterrupted one. ``callback(step, stats, rollout)`` runs after every
-    step (the live dashboard); raising from it stops training.
+    step, before that step's checkpoint (the live dashboard; a router-bias update, whose change is then saved);
+    raising from it stops training.
     """
     if len(problems) < cfg.prompts_per_step:
         raise ValueError(f"{len(problems)} problems but prompts_per_step={cfg.prompts_per_step}: pass more problems.")
@@ -245,12 +246,12 @@ def train_grpo(model, tok, problems: list, cfg: GRPOConfig, *, reward_fn: Callab
         result.history.append(stats)
         result.last_rollout = rollout
         bar.set_postfix(reward=f"{stats['reward']:.2f}", acc=f"{stats['accuracy']:.2f}", fmt=f"{stats['format_rate']:.2f}")
+        if callback is not None:  # before the checkpoint: what a callback changes (a router bias) is saved too
+            callback(step, stats, rollout)
         if checkpoint_path and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
             extra = {"history": result.history, "grpo_config": asdict(cfg),
                      "ref_model": ref_model.state_dict() if ref_model is not None else {}}
             save_checkpoint(checkpoint_path, model, optimizer, step + 1, [h["loss"] for h in result.history], extra)
-        if callback is not None:
-            callback(step, stats, rollout)
     result.seconds = time.perf_counter() - t0
     model.eval()
     return result

@@ -7,7 +7,7 @@ trains the same thing and results compare fairly:
 - `train_nano_deepseek`: notebook 08's model pretrained with V3's balancing ([V3] arXiv:2412.19437 §2.1.2);
 - `seed_sweep`: the whole recipe on several seeds, the spread behind every single-seed number:
 
-    python -m course_lib.recipes --seeds 3                      # GRPO on the baseline, seeds 0, 1, 2
+    python -m course_lib.recipes --seeds 3                      # GRPO on the baseline, seeds 0, 1, 2, 200 steps
     python -m course_lib.recipes --seeds 2 --models baseline nano_deepseek
     python -m course_lib.recipes --seeds 3 --variant dynamic_sampling --json
 """
@@ -22,11 +22,12 @@ from typing import Callable
 import torch
 
 from .balancing import LoadTracker, balancing_loss_fn
+from .capstone import held_out_max_violation
 from .config import ModelConfig
 from .grpo_trainer import VARIANTS, GRPOConfig, train_grpo
 from .model import CourseModel
 from .presets import nano_deepseek_config
-from .profiles import checkpoint_path, get_profile
+from .profiles import Profile, checkpoint_path, get_profile
 from .rollout import evaluate, make_reward
 from .tasks import Tokenizer, addition_splits, draw_problems, encode_examples, sample_addition
 from .train import TrainConfig, train_lm
@@ -36,6 +37,10 @@ from .train import TrainConfig, train_lm
 BIAS_GAMMA = 0.01
 SEQUENCE_ALPHA = 1e-4
 MODELS = ("baseline", "nano_deepseek")
+RECIPE_VARIANT = "filter_zero_variance"  # the switches of grpo_trainer.VARIANTS the course's GRPO recipe turns on
+# The command line's GRPO steps: twice the notebooks' budget. In a notebook GRPO shares a few minutes with
+# everything else; a sweep from the command line can afford the steps that slower seeds need.
+SWEEP_GRPO_STEPS = {"cpu": 200, "gpu": 400}
 
 
 def pretrain_on_task(config, profile, *, name: str | None = None, steps: int | None = None, seed: int = 0,
@@ -66,15 +71,21 @@ def pretrain_on_task(config, profile, *, name: str | None = None, steps: int | N
     return model, result, tok, train_problems, eval_problems
 
 
-def grpo_recipe(profile, eval_problems: list, seed: int = 0, steps: int | None = None):
+def grpo_recipe(profile, eval_problems: list, seed: int = 0, steps: int | None = None,
+                variant: str = RECIPE_VARIANT):
     """Notebook 07's GRPO protocol for a profile: (config, 4000 training questions disjoint from
-    `eval_problems`, reward = accuracy + 0.5·format). Notebook 08 and the seed sweep reuse it."""
-    steps = steps or {"cpu": 60, "gpu": 200}[profile.name]
+    `eval_problems`, reward = accuracy + 0.5·format). Notebook 08 and the seed sweep reuse it.
+
+    Each step samples 64 questions x 8 completions and, with the default `variant`, trains only on the groups
+    whose rewards differ (DAPO's filter, [DAPO] arXiv:2503.14476 §3.2): from the course's pretrained baseline
+    most groups tie (all right or all wrong), and GRPO's per-sequence mean would otherwise divide what the few
+    informative groups teach by every sequence sampled. `variant="grpo"` gives plain GRPO ([Math] eq 3)."""
+    steps = steps or {"cpu": 100, "gpu": 200}[profile.name]
     pool = draw_problems(lambda rng: sample_addition(rng, profile.digits), 4000, seed=seed + 1, split="any",
                          exclude=eval_problems)
-    cfg = GRPOConfig(steps=steps, prompts_per_step=16, group_size=8, max_new_tokens=48, lr=1e-4,
+    cfg = GRPOConfig(steps=steps, prompts_per_step=64, group_size=8, max_new_tokens=48, lr=1e-4,
                      warmup_steps=min(10, steps), seed=seed)
-    return cfg, pool, make_reward(accuracy_weight=1.0, format_weight=0.5)
+    return cfg.variant(variant), pool, make_reward(accuracy_weight=1.0, format_weight=0.5)
 
 
 def train_nano_deepseek(profile, *, seed: int = 0, name: str | None = None, on_load=None, then=None,
@@ -92,39 +103,66 @@ def train_nano_deepseek(profile, *, seed: int = 0, name: str | None = None, on_l
     return model, result, tracker, tok, train_problems, eval_problems
 
 
+def balancing_callback(model: CourseModel, then: Callable | None = None, gamma: float = BIAS_GAMMA) -> Callable:
+    """A `train_grpo` callback that keeps an MoE model balancing during RL as it did in pretraining: after every
+    GRPO update, a `LoadTracker` (the callback's `.tracker`) reads the loads of the update's forward (the
+    rollout's prompts and completions, padding not counted) and applies the bias update ([V3] §2.1.2); then
+    `then(step, stats, rollout)` runs (a dashboard). A step that trained on nothing leaves the bias alone. With
+    one prompt length per step (`GRPOConfig.same_length_prompts`, the default) the update is one forward; with
+    mixed lengths the tracker sees the last length's."""
+    tracker = LoadTracker(model, gamma=gamma)
+
+    def callback(step: int, stats: dict, rollout) -> None:
+        if stats["updated"]:
+            tracker(step, stats["loss"])
+        if then is not None:
+            then(step, stats, rollout)
+
+    callback.tracker = tracker
+    return callback
+
+
 # ----------------------------------------------------------------------------- seed sweep (a script)
 
-def seed_sweep(seeds, models: tuple[str, ...] = ("baseline",), profile: str | None = None, progress: bool = False,
+def seed_sweep(seeds, models: tuple[str, ...] = ("baseline",), profile: str | Profile | None = None, progress: bool = False,
                pretrain_steps: int | None = None, grpo_steps: int | None = None, variant: str | None = None,
-               on_row: Callable[[dict], None] | None = None) -> list[dict]:
+               on_row: Callable[[dict], None] | None = None, reuse_pretraining: bool = False) -> list[dict]:
     """For each seed and each of `models`, the whole recipe: pretrain (with `pretrain_steps`, longer or
     shorter than the profile's), measure greedy held-out accuracy, run `grpo_recipe` (with `variant`, one of
-    `VARIANTS` switched on), measure again. Returns one row of plain numbers per seed and model; `on_row(row)`
-    sees each row as soon as it is measured."""
+    `VARIANTS` in place of the recipe's own switches), measure again. nano-DeepSeek keeps balancing during GRPO (`balancing_callback`) and
+    its rows hold the held-out MaxVio before and after (None for the dense baseline). Returns one row of plain
+    numbers per seed and model; `on_row(row)` sees each row as soon as it is measured. With `reuse_pretraining`,
+    each pretrained model is checkpointed under a name of its own (`sweep_<model>_s<seed>`) and reloaded by
+    later sweeps in the same checkpoint folder instead of trained again."""
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise ValueError(f"unknown model(s) {unknown}: use {MODELS}.")
     if variant is not None:
         GRPOConfig().variant(variant)  # an unknown name fails here, before minutes of pretraining
-    prof = get_profile(profile)
+    prof = profile if isinstance(profile, Profile) else get_profile(profile)
     rows = []
     for seed in seeds:
         for name in models:
+            callback = None
+            ckpt = f"sweep_{name}_s{seed}" if reuse_pretraining and pretrain_steps is None else None
             if name == "baseline":
-                model, _, tok, _, eval_problems = pretrain_on_task(prof.baseline_config(), prof, seed=seed,
+                model, _, tok, _, eval_problems = pretrain_on_task(prof.baseline_config(), prof, seed=seed, name=ckpt,
                                                                    progress=progress, steps=pretrain_steps)
             else:
-                model, _, _, tok, _, eval_problems = train_nano_deepseek(prof, seed=seed, progress=progress,
+                model, _, _, tok, _, eval_problems = train_nano_deepseek(prof, seed=seed, progress=progress, name=ckpt,
                                                                          steps=pretrain_steps)
-            before = evaluate(model, tok, eval_problems, 64)
-            cfg, pool, reward = grpo_recipe(prof, eval_problems, seed, grpo_steps)
-            cfg = cfg.variant(variant) if variant else cfg
+                callback = balancing_callback(model)  # the router keeps balancing on rollout tokens
+            eval_tokens, eval_mask = encode_examples(eval_problems, tok)
+            max_vio = (lambda: held_out_max_violation(model, eval_tokens, eval_mask)) if callback else (lambda: None)
+            before, vio_before = evaluate(model, tok, eval_problems, 64), max_vio()
+            cfg, pool, reward = grpo_recipe(prof, eval_problems, seed, grpo_steps, variant or RECIPE_VARIANT)
             cfg = replace(cfg, track_kl=False)  # the sweep reports no KL: skip the reference model's forward
-            result = train_grpo(model, tok, pool, cfg, reward_fn=reward, progress=progress)
+            result = train_grpo(model, tok, pool, cfg, reward_fn=reward, progress=progress, callback=callback)
             after = evaluate(model, tok, eval_problems, 64)
-            rows.append({"seed": seed, "model": name, "accuracy_before": before.accuracy,
+            rows.append({"seed": seed, "model": name, "variant": variant or RECIPE_VARIANT, "accuracy_before": before.accuracy,
                          "accuracy_after": after.accuracy, "format_before": before.format_rate,
-                         "format_after": after.format_rate, "grpo_seconds": result.seconds})
+                         "format_after": after.format_rate, "grpo_seconds": result.seconds,
+                         "max_vio_before": vio_before, "max_vio_after": max_vio()})
             if on_row is not None:
                 on_row(rows[-1])
     return rows
@@ -138,8 +176,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=["baseline"], choices=MODELS, help="which models (default: baseline)")
     parser.add_argument("--profile", default=None, help="cpu or gpu (default: $COURSE_PROFILE, else by device)")
     parser.add_argument("--pretrain-steps", type=int, default=None, help="pretraining steps (default: the profile's)")
-    parser.add_argument("--steps", type=int, default=None, help="GRPO steps (default: the profile's)")
-    parser.add_argument("--variant", default=None, choices=sorted(VARIANTS), help="a GRPO variant (default: plain GRPO)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"GRPO steps (default: {SWEEP_GRPO_STEPS}, by profile; notebook 07 runs half)")
+    parser.add_argument("--variant", default=None, choices=sorted(VARIANTS),
+                        help=f"a GRPO variant in place of the recipe's ({RECIPE_VARIANT}); grpo is plain GRPO")
     parser.add_argument("--json", action="store_true", help="print one JSON list of the rows instead of a table")
     args = parser.parse_args(argv)
 
@@ -148,10 +188,11 @@ def main(argv: list[str] | None = None) -> None:
               f"{row['format_after']:>13.1%} {row['grpo_seconds']:>7.0f}", flush=True)
 
     if not args.json:
-        print(f"GRPO variant: {args.variant or 'grpo'}")
+        print(f"GRPO variant: {args.variant or RECIPE_VARIANT}")
         print(f"{'seed':>4} {'model':<14} {'acc before':>10} {'acc after':>10} {'format after':>13} {'GRPO s':>7}")
+    steps = args.steps or SWEEP_GRPO_STEPS[get_profile(args.profile).name]
     rows = seed_sweep(range(args.first_seed, args.first_seed + args.seeds), tuple(args.models), args.profile,
-                      progress=False, pretrain_steps=args.pretrain_steps, grpo_steps=args.steps, variant=args.variant,
+                      progress=False, pretrain_steps=args.pretrain_steps, grpo_steps=steps, variant=args.variant,
                       on_row=None if args.json else show)
     if args.json:
         print(json.dumps(rows, indent=1))

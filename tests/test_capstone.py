@@ -93,7 +93,10 @@ def test_grpo_recipe_is_notebook_07s_protocol_and_never_trains_on_held_out_quest
     _, eval_problems = addition_splits(256, 200, digits=3, seed=0)
     cfg, pool, reward = grpo_recipe(PROFILES["cpu"], eval_problems, seed=0)
     assert (cfg.steps, cfg.prompts_per_step, cfg.group_size, cfg.max_new_tokens, cfg.lr, cfg.warmup_steps, cfg.seed) == \
-        (60, 16, 8, 48, 1e-4, 10, 0)
+        (100, 64, 8, 48, 1e-4, 10, 0)
+    assert cfg.filter_zero_variance and cfg.sampling_rounds == 1  # trains on groups with a reward spread only
+    plain = grpo_recipe(PROFILES["cpu"], eval_problems, seed=0, variant="grpo")[0]
+    assert not plain.filter_zero_variance and plain.prompts_per_step == 64
     assert not set(pool) & set(eval_problems)
     p = eval_problems[0]
     assert reward(f"<think>x</think><answer>{p.target}</answer>", p) == 1.5  # accuracy 1 + 0.5 x format 1
@@ -122,3 +125,29 @@ def test_query_rank_gives_mla_the_parameters_of_the_baselines_attention(name):
     n_mla, n_mha = (sum(p.numel() for p in m.parameters()) for m in (mla, mha))
     assert mla.q_lora_rank > 0 and mla.q_lora_rank % 8 == 0
     assert abs(n_mla - n_mha) / n_mha < 0.03, (n_mla, n_mha)
+
+
+def test_grpo_keeps_balancing_nano_deepseek_on_rollout_tokens(tmp_path):
+    from course_lib.grpo_trainer import train_grpo
+    from course_lib.recipes import balancing_callback
+
+    model, _, _, tok, _, eval_problems = train_nano_deepseek(TINY, progress=False)
+    cfg, pool, reward = grpo_recipe(TINY, eval_problems, seed=0, steps=3)
+    cfg = replace(cfg, prompts_per_step=4, group_size=4, max_new_tokens=12, track_kl=False, filter_zero_variance=False)
+    seen = []
+    callback = balancing_callback(model, then=lambda step, stats, rollout: seen.append((step, rollout)))
+    biases = [m.gate.e_score_correction_bias.clone() for m in moe_layers(model)]
+    result = train_grpo(model, tok, pool, cfg, reward_fn=reward, callback=callback, progress=False,
+                        checkpoint_path=str(tmp_path / "grpo.pt"))
+    tracker = callback.tracker
+    assert tracker.steps == [0, 1, 2] and [s for s, _ in seen] == [0, 1, 2]  # every update, then the dashboard
+    # the tracker counted the update forward's real tokens (prompt + completion, the last one fed to no forward)
+    _, last = seen[-1]
+    prompts = torch.tensor(last.prompts).repeat_interleave(cfg.group_size, dim=0)  # one prompt length per step
+    fed = torch.cat([prompts, last.tokens], dim=1)[:, :-1]  # (B, Tp + L - 1): the update forward's input
+    assert int(tracker.loads[-1][0].sum()) == int((fed != tok.pad_id).sum()) * model.config.num_experts_per_tok
+    assert int((fed == tok.pad_id).sum()) > 0  # there was padding to leave out
+    assert any(not torch.equal(b, m.gate.e_score_correction_bias) for b, m in zip(biases, moe_layers(model)))
+    saved = torch.load(tmp_path / "grpo.pt", weights_only=True)["model"]  # the bias update is in the checkpoint
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items() if k.endswith("e_score_correction_bias"))
+    assert len(result.history) == 3

@@ -681,8 +681,10 @@ def test_seed_sweep_command_prints_json_rows(monkeypatch, capsys):
     row = {"seed": 0, "model": "baseline", "accuracy_before": 0.4, "accuracy_after": 0.6, "format_before": 0.9,
            "format_after": 1.0, "grpo_seconds": 12.0}
     seen = []
-    monkeypatch.setattr(recipes, "seed_sweep", lambda seeds, models, *a, **kw: seen.append((list(seeds), models)) or [
-        {**row, "seed": s} for s in seeds])
-    recipes.main(["--seeds", "2", "--json"])
+    monkeypatch.setattr(recipes, "seed_sweep", lambda seeds, models, *a, **kw: seen.append(
+        (list(seeds), models, kw["grpo_steps"])) or [{**row, "seed": s} for s in seeds])
+    recipes.main(["--seeds", "2", "--json", "--profile", "cpu"])
     assert json.loads(capsys.readouterr().out) == [row, {**row, "seed": 1}]
-    assert seen == [([0, 1], ("baseline",))]
+    assert seen == [([0, 1], ("baseline",), recipes.SWEEP_GRPO_STEPS["cpu"])]
+    recipes.main(["--seeds", "1", "--steps", "7", "--json"])
+    assert seen[-1][2] == 7

@@ -156,9 +156,9 @@ def test_the_checks_find_a_circle_a_late_import_and_a_nested_module(tmp_path):
 
 
 def readme_floors() -> dict[str, tuple[int, set[str] | None]]:
-    """The README's map of course_lib: {module or package: (floor, the modules it says it imports, or None)}."""
+    """The README's map of course_lib: {module or package: (layer, the modules it says it imports, or None)}."""
     text = (PACKAGE.parent / "README.md").read_text()
-    block = text.split("`course_lib` in floors", 1)[1].split("```\n", 2)[1]
+    block = text.split("`course_lib` in layers", 1)[1].split("```\n", 2)[1]
     floors, floor = {}, None
     for line in block.splitlines():
         head, _, deps = line.partition("<-")

@@ -66,12 +66,12 @@ def test_a_changed_number_changes_the_readme():
 def test_results_table_rows_and_formats():
     c = {"profile": "cpu", "models": {m: {k: 0.25 for k, _, _ in ROWS} for m, _ in MODELS}}
     c["models"]["baseline"]["parameters"] = 1000
-    c["models"]["baseline"]["max_vio"] = None
+    c["models"]["baseline"]["max_vio_after_grpo"] = None
     c["models"]["nano_deepseek"]["parameters"] = 1234567
     table = results_table(c)
     assert "| parameters (total) | 1,000 | 1,234,567 |" in table
     assert "| held-out accuracy after GRPO | 25.0% | 25.0% |" in table
-    assert "| expert load imbalance (MaxVio, held-out) | n/a | 0.25 |" in table
+    assert "| expert load imbalance after GRPO (MaxVio, held-out) | n/a | 0.25 |" in table
     del c["models"]["baseline"]["accuracy_after_grpo"]
     with pytest.raises(ValueError, match="baseline.accuracy_after_grpo"):
         results_table(c)
