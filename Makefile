@@ -36,9 +36,15 @@ $(VENV)/.test-installed: $(VENV)/.course-installed
 	$(PIP) install --no-compile -q -e ".[test]"
 	@touch $@
 
+# Jupyter refuses to run as root (a container, a cloud shell) unless told; say so and how, before it does.
+LAB_ARGS ?=
 lab: setup
+	@if [ "$$(id -u 2>/dev/null)" = 0 ] && ! echo "$(LAB_ARGS)" | grep -q -- --allow-root; then \
+		echo "make lab: you are root here (a container?), and JupyterLab will not start as root unless asked."; \
+		echo "In a container you control, run:  make lab LAB_ARGS=--allow-root"; \
+		echo "(it still listens on 127.0.0.1 only, with token authentication on)."; exit 1; fi
 	cd notebooks && ../$(BIN)/jupyter lab --ip=127.0.0.1 --port=$(PORT) \
-		--ServerApp.open_browser=True
+		--ServerApp.open_browser=True $(LAB_ARGS)
 
 # Two workers: each notebook runs whole on one of them (--dist loadscope), in file order (notebooks that
 # reload an earlier one's checkpoint tend to find it), and each kernel uses half the

@@ -8,12 +8,20 @@ only: every notebook runs the same code under both.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
+import sys
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+try:
+    import resource
+except ImportError:  # Windows has no resource module: peak_memory_mb asks the OS through ctypes instead
+    resource = None
 
 from .config import ModelConfig
 from .tasks import Tokenizer
@@ -130,3 +138,44 @@ def checkpoint_path(name: str, suffix: str = ".pt", profile: str | None = None) 
     folder = os.environ.get("COURSE_CHECKPOINT_DIR", "checkpoints")
     os.makedirs(folder, exist_ok=True)
     return os.path.join(folder, f"{name}_{get_profile(profile).name}{suffix}")
+
+
+# ----------------------------------------------------------------------------- what a kernel used
+
+class _ProcessMemoryCounters(ctypes.Structure):
+    """Windows' PROCESS_MEMORY_COUNTERS (psapi.h), for `GetProcessMemoryInfo`."""
+    _fields_ = [("cb", ctypes.c_ulong), ("PageFaultCount", ctypes.c_ulong)] + [
+        (name, ctypes.c_size_t) for name in ("PeakWorkingSetSize", "WorkingSetSize", "QuotaPeakPagedPoolUsage",
+                                             "QuotaPagedPoolUsage", "QuotaPeakNonPagedPoolUsage",
+                                             "QuotaNonPagedPoolUsage", "PagefileUsage", "PeakPagefileUsage")]
+
+
+def peak_memory_mb() -> float | None:
+    """This process's peak resident memory in MB (2^20 bytes), on Linux, macOS and Windows; None if unknown.
+
+    `getrusage`'s ru_maxrss is in KiB on Linux but in bytes on macOS; Windows has no `resource` module and
+    reports the peak working set through `GetProcessMemoryInfo`.
+    """
+    if resource is not None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+    windll = getattr(ctypes, "windll", None)
+    if windll is None:
+        return None
+    counters = _ProcessMemoryCounters()
+    counters.cb = ctypes.sizeof(counters)
+    if not windll.psapi.GetProcessMemoryInfo(windll.kernel32.GetCurrentProcess(), ctypes.byref(counters), counters.cb):
+        return None
+    return counters.PeakWorkingSetSize / 2**20
+
+
+def memory_report(device: torch.device | str = "cpu") -> str:
+    """One line for a notebook's last cell: peak memory of this process and, on a GPU, of the device, and the
+    process's CPU time."""
+    peak = peak_memory_mb()
+    parts = [f"peak memory of this kernel {peak:,.0f} MB" if peak is not None else "peak memory not reported here"]
+    if torch.device(device).type == "cuda":
+        parts.append(f"GPU peak {torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MB allocated by torch")
+    parts.append(f"CPU time {time.process_time():,.0f} s")
+    return "; ".join(parts)
+

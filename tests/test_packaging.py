@@ -99,3 +99,16 @@ def test_readme_badges_point_at_the_repository_url():
     readme = (ROOT / "README.md").read_text()
     badges = re.findall(r"\]\((https://(?:mybinder\.org/v2/gh|colab\.research\.google\.com/github)/[^)]+)\)", readme)
     assert len(badges) == 2 and all(f"/{slug}/" in b for b in badges)
+
+
+def test_make_lab_as_root_says_how_to_proceed(tmp_path):
+    """In a container make lab runs as root, where JupyterLab refuses to start: make says what to do instead."""
+    fake_id = tmp_path / "id"
+    fake_id.write_text("#!/bin/sh\necho 0\n")  # whoever runs the test, make sees root
+    fake_id.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["make", "-s", "-o", "setup", "-o", ".venv/.course-installed", "lab"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "make lab LAB_ARGS=--allow-root" in done.stdout and "127.0.0.1" in done.stdout

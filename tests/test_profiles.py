@@ -72,3 +72,53 @@ def test_device_order_prefers_cuda_then_mps(monkeypatch):
     assert profiles.pick_device().type == "mps"
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert profiles.pick_device().type == "cpu"
+
+
+class _FakeUsage:
+    def __init__(self, maxrss):
+        self.ru_maxrss = maxrss
+
+
+class _FakeResource:
+    RUSAGE_SELF = 0
+
+    def __init__(self, maxrss):
+        self.maxrss = maxrss
+
+    def getrusage(self, who):
+        return _FakeUsage(self.maxrss)
+
+
+@pytest.mark.parametrize("platform, maxrss, expected", [("linux", 512 * 1024, 512.0),  # KiB on Linux
+                                                        ("darwin", 512 * 2**20, 512.0)])  # bytes on macOS
+def test_peak_memory_reads_each_platforms_unit(monkeypatch, platform, maxrss, expected):
+    monkeypatch.setattr(profiles, "resource", _FakeResource(maxrss))
+    monkeypatch.setattr(profiles.sys, "platform", platform)
+    assert profiles.peak_memory_mb() == expected
+
+
+def test_peak_memory_on_windows_asks_the_os(monkeypatch):
+    class Psapi:
+        def GetProcessMemoryInfo(self, handle, counters_ref, size):
+            counters_ref._obj.PeakWorkingSetSize = 300 * 2**20
+            return 1
+
+    class Kernel32:
+        def GetCurrentProcess(self):
+            return -1
+
+    class Windll:
+        psapi, kernel32 = Psapi(), Kernel32()
+
+    monkeypatch.setattr(profiles, "resource", None)  # no resource module on Windows
+    monkeypatch.setattr(profiles.ctypes, "windll", Windll(), raising=False)
+    assert profiles.peak_memory_mb() == 300.0
+    monkeypatch.delattr(profiles.ctypes, "windll")
+    assert profiles.peak_memory_mb() is None
+    assert profiles.memory_report().startswith("peak memory not reported here; CPU time")
+
+
+def test_memory_report_on_this_machine():
+    line = profiles.memory_report("cpu")
+    assert line.startswith("peak memory of this kernel ") and " MB; CPU time " in line
+    assert 10 < profiles.peak_memory_mb() < 100_000  # a Python process with torch loaded, in MB

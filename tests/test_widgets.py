@@ -1,3 +1,4 @@
+import html
 import json
 
 import plotly.io as pio
@@ -77,10 +78,16 @@ def test_explorer_prints_a_table_and_refuses_unknown_values(capsys, monkeypatch)
     ex = widgets.CacheExplorer(preset="deepseek-llm-67b", num_tokens=4096, batch_size=8, show=True)
     assert shown == [ex.widget]
     out = capsys.readouterr().out.splitlines()
+    assert out[0] == "at the controls' starting values:"
+    out = out[1:]
     assert out[0] == "deepseek-llm-67b: 8 x 4K tokens, 2 bytes/element, GPU with 80 GiB"
     # the selected row: 380 KiB per token; 389,120 B x 4096 x 8 = 11.875 GiB, 14.8% of 80 GiB
     assert out[3].startswith("*GQA (n_g=8)") and out[3].split()[2:5] == ["380.0", "11.88", "14.8%"]
     assert ex.table() == "\n".join(out)
+    # the widget's own table follows the controls; the printed copy is the starting point only
+    assert html.unescape(ex.summary.value.split("<pre>")[1].split("</pre>")[0]) == ex.table()
+    ex.controls["preset"].value = "llama-3-8b"
+    assert "llama-3-8b:" in ex.summary.value and ex.table().startswith("llama-3-8b:")
     assert [widgets.tokens_label(n) for n in (1024, 131072, 2**20, 1000)] == ["1K", "128K", "1M", "1000"]
     with pytest.raises(ValueError, match=r"num_tokens=5000 is not offered"):
         widgets.CacheExplorer(num_tokens=5000, show=False)

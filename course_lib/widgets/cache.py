@@ -6,6 +6,7 @@ is its static text fallback.
 
 from __future__ import annotations
 
+import html
 import ipywidgets as W
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -94,7 +95,8 @@ class CacheExplorer:
                               c["elem_bytes"], self.fig, self.summary])
         if show:
             _display(self.widget)
-            print(self.table())
+            # a static copy for readers without a live kernel; the widget's own table follows the controls
+            print("at the controls' starting values:\n" + self.table())
 
     def values(self) -> dict:
         """The controls' current values as `memory.explore` arguments."""
@@ -127,7 +129,8 @@ class CacheExplorer:
                               f"{tokens_label(r['num_tokens'])} tokens = <b>{sel['cache_gib']:,.2f} GiB</b>, "
                               f"{sel['gpu_fraction']:.1%} of the GPU's {r['gpu_gib']:g} GiB: it {fits} the GPU "
                               f"(before weights). At most {sel['max_tokens_in_gpu']:,} cached tokens fit; "
-                              f"{sel['reduction_vs_mha']:.1%} smaller than MHA.")
+                              f"{sel['reduction_vs_mha']:.1%} smaller than MHA."
+                              f"<pre>{html.escape(explore_table(r))}</pre>")  # the table, following the controls
         self.result = r
         self.draws += 1
 
