@@ -15,8 +15,11 @@ import torch
 
 
 def _sync() -> None:
+    """Wait for queued GPU work, so a timer reads the clock after the work and not before (CUDA and MPS)."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        torch.mps.synchronize()
 
 
 @dataclass(frozen=True)

@@ -74,13 +74,28 @@ def get_profile(name: str | None = None) -> Profile:
     return PROFILES[name]
 
 
-def pick_device() -> torch.device:
-    """CUDA, then Apple's MPS, then the CPU."""
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def pick_device(profile: str = "gpu") -> tuple[torch.device, str]:
+    """The device a notebook runs on, and why: $COURSE_DEVICE if set; the CPU under the `cpu` profile (its
+    models are so small that a GPU's or Apple's MPS kernel launches and syncs cost more than they compute);
+    else CUDA, then MPS, then the CPU."""
+    asked = os.environ.get("COURSE_DEVICE")
+    if asked:
+        device = torch.device(asked)  # raises on a name torch does not know
+        if (device.type == "cuda" and not torch.cuda.is_available()) or (device.type == "mps" and not _mps_available()):
+            raise ValueError(f"COURSE_DEVICE={asked!r} but this machine has no {device.type}. "
+                             "Unset COURSE_DEVICE, or set it to cpu.")
+        return device, "COURSE_DEVICE asks for it"
+    if profile == "cpu":
+        return torch.device("cpu"), "the cpu profile's small models run fastest there; COURSE_DEVICE=cuda or mps opts in"
     if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+        return torch.device("cuda"), "CUDA is available"
+    if _mps_available():
+        return torch.device("mps"), "Apple's MPS is available"
+    return torch.device("cpu"), "no CUDA or MPS here"
 
 
 def seed_everything(seed: int) -> None:
@@ -112,7 +127,7 @@ class NotebookSetup:
 
 
 def setup_notebook(seed: int = 0, profile: str | None = None, quiet: bool = False) -> NotebookSetup:
-    """Seed everything, pick the device and profile, size torch's thread pool.
+    """Seed everything, pick the profile and the device (`pick_device`, which says why), size torch's thread pool.
 
     The course's models are small: their matrices gain little from many threads, and threads that
     outnumber free cores (a container reporting the host's CPUs, a busy laptop) make them many times
@@ -121,11 +136,12 @@ def setup_notebook(seed: int = 0, profile: str | None = None, quiet: bool = Fals
     """
     seed_everything(seed)
     prof = get_profile(profile)
-    device = pick_device()
+    device, why = pick_device(prof.name)
     threads = notebook_threads()
     torch.set_num_threads(threads)
     if not quiet:
         print(f"device={device.type} profile={prof.name} threads={threads} torch={torch.__version__.split('+')[0]} seed={seed}")
+        print(f"  ({device.type}: {why})")
     return NotebookSetup(device, prof, threads, seed)
 
 

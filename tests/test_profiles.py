@@ -53,25 +53,34 @@ def test_mtp_config_is_deeper_and_narrower_at_about_the_baselines_size(name):
     assert 0.9 < ratio < 1.2, ratio
 
 
-def test_setup_notebook_seeds_everything_and_prints_one_line(capsys, monkeypatch):
+def test_setup_notebook_seeds_everything_and_says_which_device_and_why(capsys, monkeypatch):
     monkeypatch.delenv("COURSE_PROFILE", raising=False)
+    monkeypatch.delenv("COURSE_DEVICE", raising=False)
     s = setup_notebook(seed=3, profile="cpu")
     a = (random.random(), torch.rand(1).item())
     setup_notebook(seed=3, profile="cpu")
     assert (random.random(), torch.rand(1).item()) == a
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2 and lines[0].startswith("device=cpu profile=cpu threads=")
+    assert len(lines) == 4 and lines[0].startswith("device=cpu profile=cpu threads=")
+    assert lines[1].startswith("  (cpu: the cpu profile's small models run fastest there")
     assert s.threads == torch.get_num_threads() <= profiles.usable_cpus()
 
 
-def test_device_order_prefers_cuda_then_mps(monkeypatch):
+def test_device_choice_follows_the_profile_then_cuda_then_mps(monkeypatch):
+    monkeypatch.delenv("COURSE_DEVICE", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert profiles.pick_device().type == "cuda"
+    assert profiles.pick_device("gpu")[0].type == "cuda"
+    assert profiles.pick_device("cpu")[0].type == "cpu"  # the cpu profile stays on the CPU even beside a GPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert profiles.pick_device().type == "mps"
+    assert profiles.pick_device("gpu") == (torch.device("mps"), "Apple's MPS is available")
+    monkeypatch.setenv("COURSE_DEVICE", "mps")  # the learner opts in
+    assert profiles.pick_device("cpu") == (torch.device("mps"), "COURSE_DEVICE asks for it")
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert profiles.pick_device().type == "cpu"
+    with pytest.raises(ValueError, match="no mps"):
+        profiles.pick_device("cpu")
+    monkeypatch.delenv("COURSE_DEVICE")
+    assert profiles.pick_device("gpu")[0].type == "cpu"
 
 
 class _FakeUsage:
