@@ -18,6 +18,19 @@ def _fail(what: str, fix: str) -> None:
     raise ValueError(f"{what}. {fix}")
 
 
+def check_kv_heads(attention: str, heads: int, kv_heads: int) -> None:
+    """K/V heads must divide the query heads; MHA needs one per query head and MQA exactly one. Shared by
+    `ModelConfig` and `course_lib.memory.CacheSpec`, so both refuse the same shapes with the same words."""
+    if not 1 <= kv_heads <= heads or heads % kv_heads:
+        _fail(f"num_key_value_heads={kv_heads} must divide num_attention_heads={heads}",
+              f"Use a divisor of {heads}: {[d for d in range(1, heads + 1) if heads % d == 0]} "
+              f"(1 = MQA, {heads} = MHA).")
+    expected = {"mha": heads, "mqa": 1}.get(attention)
+    if expected is not None and kv_heads != expected:
+        _fail(f"attention={attention!r} needs num_key_value_heads={expected}, got {kv_heads}",
+              "Use attention='gqa' for any other number of K/V heads (ModelConfig: or leave num_key_value_heads=None).")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 32                # set from the tokenizer: `ModelConfig(vocab_size=tok.vocab_size, ...)`
@@ -79,13 +92,7 @@ class ModelConfig:
         if self.resolved_head_dim % 2:
             _fail(f"head_dim={self.resolved_head_dim} is odd, but RoPE rotates pairs of channels",
                   "Choose hidden_size / num_attention_heads (or head_dim) even.")
-        if not 1 <= kv <= h or h % kv:
-            _fail(f"num_key_value_heads={kv} must divide num_attention_heads={h}",
-                  f"Use a divisor of {h}: {[d for d in range(1, h + 1) if h % d == 0]} (1 = MQA, {h} = MHA).")
-        expected = {"mha": h, "mqa": 1}.get(self.attention)
-        if expected is not None and kv != expected:
-            _fail(f"attention={self.attention!r} needs num_key_value_heads={expected}, got {kv}",
-                  "Use attention='gqa' for any other number of K/V heads, or leave num_key_value_heads=None.")
+        check_kv_heads(self.attention, h, kv)
 
     def _check_mla(self) -> None:
         for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):

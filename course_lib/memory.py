@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from .config import ModelConfig
+from .config import ModelConfig, check_kv_heads
 from .presets import DEEPSEEK_V2, DEEPSEEK_V2_LITE, DEEPSEEK_V3
 
 ATTENTION_KINDS = ("mha", "gqa", "mqa", "mla")
@@ -85,13 +85,7 @@ class CacheSpec:
             _fail(f"kv_lora_rank={self.kv_lora_rank} and qk_rope_head_dim={self.qk_rope_head_dim} only apply "
                   f"to MLA, but attention={self.attention!r}",
                   "Set attention='mla', or leave both at 0.")
-        if not 1 <= kv <= h or h % kv:
-            _fail(f"num_key_value_heads={kv} must divide num_attention_heads={h}",
-                  f"Use a divisor of {h}: {[d for d in range(1, h + 1) if h % d == 0]} (1 = MQA, {h} = MHA).")
-        expected = {"mha": h, "mqa": 1}.get(self.attention)
-        if expected is not None and kv != expected:
-            _fail(f"attention={self.attention!r} needs num_key_value_heads={expected}, got {kv}",
-                  "Use attention='gqa' for any other number of K/V heads.")
+        check_kv_heads(self.attention, h, kv)
 
 
 def spec_of(name: str, config: ModelConfig, source: str = "") -> CacheSpec:
