@@ -78,8 +78,8 @@ def grpo_recipe(profile, eval_problems: list, seed: int = 0, steps: int | None =
 
     Each step samples 64 questions x 8 completions and, with the default `variant`, trains only on the groups
     whose rewards differ (DAPO's filter, [DAPO] arXiv:2503.14476 §3.2): from the course's pretrained baseline
-    most groups tie (all right or all wrong), and GRPO's per-sequence mean would otherwise divide what the few
-    informative groups teach by every sequence sampled. `variant="grpo"` gives plain GRPO ([Math] eq 3)."""
+    most groups tie (all right or all wrong), carry no gradient, and would cost a forward and a backward pass
+    each. `variant="grpo"` gives plain GRPO ([Math] eq 3)."""
     steps = steps or {"cpu": 100, "gpu": 200}[profile.name]
     pool = draw_problems(lambda rng: sample_addition(rng, profile.digits), 4000, seed=seed + 1, split="any",
                          exclude=eval_problems)

@@ -42,6 +42,14 @@ class Sheet:
         if label:
             self.text((x1 + x2) / 2, (y1 + y2) / 2 + dy, label, size=12, color="#333")
 
+    def chain(self, *boxes) -> None:
+        """Arrows from each box to the next: left to right when the next lies to the right, else right to left."""
+        for a, b in zip(boxes, boxes[1:]):
+            if b[0] > a[0]:
+                self.arrow(*right(a), *left(b))
+            else:
+                self.arrow(*left(a), *right(b))
+
     def text(self, x: float, y: float, s: str, size: int = 13, weight: str = "normal", color: str = "#111",
              anchor: str = "middle") -> None:
         self.items.append(f"<text x='{x}' y='{y}' {FONT} font-size='{size}' font-weight='{weight}' fill='{color}' "
@@ -72,9 +80,7 @@ def mla() -> Sheet:
     up = s.box(230, 90, 190, 60, ["W^UK, W^UV on all S", "latents: n_h (2 d_h) d_c each"])
     kv = s.box(480, 90, 170, 60, ["k^C, v^C per head", "(S x n_h x d_h, rebuilt)"], "data")
     at = s.box(710, 90, 170, 60, ["softmax(q k^T) v", "then W^O"])
-    s.arrow(*right(c1), *left(up))
-    s.arrow(*right(up), *left(kv))
-    s.arrow(*right(kv), *left(at))
+    s.chain(c1, up, kv, at)
     s.text(20, 230, "absorbed: fold W^UK into the query and W^UV into the output, attend over the latents",
            anchor="start", weight="bold")
     q = s.box(20, 250, 150, 60, ["new token's query", "q^C W^UK_h (once)"])
@@ -82,10 +88,8 @@ def mla() -> Sheet:
     sc = s.box(230, 250, 190, 60, ["scores: q·c^KV + q^R·k^R", "n_h (d_c + d_h^R) per token"])
     ws = s.box(480, 250, 170, 60, ["weighted sum of c^KV", "n_h d_c per token"])
     out = s.box(710, 250, 170, 60, ["W^UV_h, then W^O", "(once per new token)"])
-    s.arrow(*right(q), *left(sc))
     s.arrow(325, 330, 325, 310)
-    s.arrow(*right(sc), *left(ws))
-    s.arrow(*right(ws), *left(out))
+    s.chain(q, sc, ws, out)
     s.text(450, 408, "orange: the cache. Naive per step: ~2 S n_h d_h d_c multiply-adds; absorbed: ~S n_h (2 d_c + d_h^R).",
            size=12, color="#444")
     return s
@@ -96,8 +100,7 @@ def moe_dispatch() -> Sheet:
     t = s.box(20, 70, 150, 90, ["N tokens, top-K", "expert ids (N, K)", "weights g (N, K)"], "data")
     f = s.box(210, 70, 140, 90, ["flatten", "N·K slots"])
     srt = s.box(390, 70, 150, 90, ["stable sort", "by expert id", "(token order kept)"])
-    s.arrow(*right(t), *left(f))
-    s.arrow(*right(f), *left(srt))
+    s.chain(t, f, srt)
     for i, x in enumerate((580, 655, 730, 805)):
         s.box(x, 62, 65, 40, [f"E{i}" if i < 3 else "E..."], "model")
     s.text(725, 122, "contiguous segments, one per expert", size=12)
@@ -115,12 +118,11 @@ def bias_loop() -> Sheet:
     sc = s.box(30, 70, 200, 70, ["affinities s_i = sigmoid(u·e_i)", "(no bias)"])
     sel = s.box(300, 70, 230, 70, ["select top-K of s_i + b_i", "within the top groups"])
     w = s.box(600, 70, 260, 70, ["weights g_i from s_i alone,", "normalized over the K chosen"])
-    s.arrow(*right(sc), *left(sel))
-    s.arrow(*right(sel), *left(w))
+    s.chain(sc, sel, w)
     ld = s.box(600, 220, 260, 70, ["after the optimizer step:", "load c_i = tokens routed to i"], "data")
     up = s.box(300, 220, 230, 70, ["b_i += γ · sign(mean(c) - c_i)", "overloaded down, starved up"], "loss")
     s.arrow(730, 140, 730, 220)
-    s.arrow(*left(ld), *right(up))
+    s.chain(ld, up)
     s.arrow(415, 220, 415, 140, "next step", dy=0)
     s.text(450, 330, "the bias never enters the weights or the gradient: no auxiliary loss pulls against the LM loss",
            size=12, color="#444")
@@ -133,15 +135,12 @@ def grpo_loop() -> Sheet:
     g = s.box(220, 70, 190, 70, ["sample G completions each", "on the KV cache, temp 1"])
     r = s.box(460, 70, 190, 70, ["rule-based rewards:", "accuracy + 0.5 format"], "loss")
     a = s.box(700, 70, 180, 70, ["advantages per group:", "(r - mean) / std"])
-    s.arrow(*right(p), *left(g))
-    s.arrow(*right(g), *left(r))
-    s.arrow(*right(r), *left(a))
+    s.chain(p, g, r, a)
     f = s.box(700, 200, 180, 70, ["drop groups whose", "rewards all tie"])
     lo = s.box(440, 200, 210, 70, ["clipped surrogate on the", "kept groups' tokens"])
     u = s.box(220, 200, 170, 70, ["one optimizer step", "(no value network)"], "model")
     s.arrow(790, 140, 790, 200)
-    s.arrow(*left(f), *right(lo))
-    s.arrow(*left(lo), *right(u))
+    s.chain(f, lo, u)
     s.arrow(305, 200, 305, 140, "the policy samples the next step", dy=0)
     s.text(450, 330, "the group's mean reward is the baseline; a tied group has advantage 0 and teaches nothing",
            size=12, color="#444")
