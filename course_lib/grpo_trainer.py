@@ -20,9 +20,9 @@ from typing import Callable
 
 import torch
 from einops import rearrange
-from tqdm.auto import tqdm
 
 from .generate import by_length
+from .progress import progress_bar
 from .grpo import AGGREGATIONS, grpo_loss, group_advantages, kl_k3, zero_variance_mask
 from .rollout import Rollout, completion_logprobs, concat_rollouts, make_reward, sample_groups, score_rollout
 from .train import load_checkpoint, make_optimizer, save_checkpoint
@@ -240,7 +240,7 @@ def train_grpo(model, tok, problems: list, cfg: GRPOConfig, *, reward_fn: Callab
             ref_model.load_state_dict(ckpt["extra"]["ref_model"])
     prompts = [tok.encode(p.prompt, bos=True) for p in problems]
     t0 = time.perf_counter()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="grpo")
+    bar = progress_bar(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="grpo")
     for step in bar:
         stats, rollout = grpo_step(model, optimizer, ref_model, tok, problems, cfg, reward_fn, step, prompts)
         result.history.append(stats)

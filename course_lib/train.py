@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from .model import lm_loss
+from .progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def train_lm(model, tokens: torch.Tensor, mask: torch.Tensor, cfg: TrainConfig, 
         start, result.losses, result.resumed_from = ckpt["step"], list(ckpt["losses"]), ckpt["step"]
     model.train()
     t0 = time.perf_counter()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="train")
+    bar = progress_bar(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="train")
     for step in bar:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         idx = torch.randint(0, tokens.shape[0], (cfg.batch_size,), generator=g)

@@ -30,7 +30,7 @@ def test_live_plot_redraws_at_a_bounded_rate_and_prints_a_fallback(capsys):
 
 def test_renderer_is_lab_friendly_off_colab(monkeypatch):
     monkeypatch.delenv("COLAB_RELEASE_TAG", raising=False)
-    assert widgets.set_plotly_renderer() == "plotly_mimetype+notebook_connected" == pio.renderers.default
+    assert widgets.set_plotly_renderer() == "plotly_mimetype+course_png" == pio.renderers.default
     monkeypatch.setenv("COLAB_RELEASE_TAG", "x")
     assert widgets.set_plotly_renderer() == "colab"
 
@@ -74,7 +74,8 @@ def test_changing_a_control_changes_the_figure(control, value):
 
 def test_explorer_prints_a_table_and_refuses_unknown_values(capsys, monkeypatch):
     shown = []
-    monkeypatch.setattr(widgets.cache, "_display", shown.append)  # where CacheExplorer looks it up
+    monkeypatch.setattr(widgets.cache, "live_view", lambda w, text: shown.append(w) or widgets.LiveView(w, text))
+    monkeypatch.setenv(widgets.STATIC_ENV, "0")
     ex = widgets.CacheExplorer(preset="deepseek-llm-67b", num_tokens=4096, batch_size=8, show=True)
     assert shown == [ex.widget]
     out = capsys.readouterr().out.splitlines()

@@ -6,6 +6,8 @@ rate (every `every` steps and at most once per `min_interval` seconds), so a tra
 plot is barely slower. Where no widget front end exists (nbval, a notebook read on the web, a terminal),
 each live view also prints a small table of the same numbers when it finishes.
 
+- `static`: the static copies readers on the web see (PNG beside each chart, final states of live views,
+  progress bars' last line).
 - `charts`: plotly's renderer, static bar and line charts, the live loss plot (`LivePlot`).
 - `cache`: the KV-cache size explorer (`CacheExplorer`, over `course_lib.memory.explore`).
 - `experts`: the MoE expert-load monitor (`ExpertLoadMonitor`).
@@ -13,6 +15,10 @@ each live view also prints a small table of the same numbers when it finishes.
 - `completions`: the viewer for sampled completions (`CompletionsViewer`).
 """
 
+from tqdm.auto import tqdm as _auto_bar
+from tqdm.notebook import tqdm_notebook as _notebook_bar
+
+from ..progress import set_progress_bar
 from .cache import BATCH_SIZES, KIND_COLORS, CacheExplorer, explore_table, tokens_label
 from .charts import LAYOUT, LivePlot, bar_chart, in_colab, line_chart, set_plotly_renderer, summary_rows
 from .completions import (
@@ -25,8 +31,11 @@ from .completions import (
 )
 from .dashboard import GRPO_METRIC_TITLES, GRPO_METRICS, TrainingDashboard, dashboard_rows, format_dashboard_rows, smoothed
 from .experts import ExpertLoadMonitor, keep_columns, load_heatmap_data, load_ratios, load_summary
+from .static import STATIC_ENV, LiveView, NotebookBar, PngRenderer, png, png_bundle, static_enabled, widget_bundle
 
 __all__ = [
+    # static
+    "STATIC_ENV", "static_enabled", "png", "png_bundle", "PngRenderer", "widget_bundle", "LiveView", "NotebookBar",
     # charts
     "LAYOUT", "in_colab", "set_plotly_renderer", "summary_rows", "LivePlot", "bar_chart", "line_chart",
     # cache
@@ -42,3 +51,6 @@ __all__ = [
 # Charts render with Colab's renderer on Colab and JupyterLab's elsewhere from the first import on: the core
 # package never imports plotly, so this set-up belongs here rather than in `setup_notebook`.
 set_plotly_renderer()
+# In a notebook, training loops' progress bars leave their last line as text (see `static.NotebookBar`).
+if issubclass(_auto_bar, _notebook_bar):
+    set_progress_bar(NotebookBar)

@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .. import memory
-from .charts import LAYOUT, _display
+from .charts import LAYOUT, live_view
 
 KIND_COLORS = {"mha": "#1f77b4", "gqa": "#ff7f0e", "mqa": "#2ca02c", "mla": "#d62728"}
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -94,8 +94,9 @@ class CacheExplorer:
         self.widget = W.VBox([W.HBox([c["preset"], c["gpu"]]), c["attention"], W.HBox([c["num_tokens"], c["batch_size"]]),
                               c["elem_bytes"], self.fig, self.summary])
         if show:
-            _display(self.widget)
+            view = live_view(self.widget, "cache explorer (live controls)")
             # a static copy for readers without a live kernel; the widget's own table follows the controls
+            view.freeze(self.fig, text="cache explorer at its starting values")
             print("at the controls' starting values:\n" + self.table())
 
     def values(self) -> dict:

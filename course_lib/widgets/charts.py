@@ -13,6 +13,8 @@ import time
 import plotly.graph_objects as go
 import plotly.io as pio
 
+from .static import LiveView, PngRenderer
+
 try:
     from IPython.display import display
 except ImportError:  # plain Python: nothing to draw on
@@ -26,9 +28,10 @@ def in_colab() -> bool:
 
 
 def set_plotly_renderer() -> str:
-    """Colab's renderer on Colab; elsewhere JupyterLab's mimetype plus a small HTML version for
-    nbviewer-style readers (it loads plotly.js from a CDN instead of embedding 4 MB in the notebook)."""
-    pio.renderers.default = "colab" if in_colab() else "plotly_mimetype+notebook_connected"
+    """Colab's renderer on Colab; elsewhere JupyterLab's interactive mimetype plus a PNG of the figure
+    (`static.PngRenderer`) that GitHub, nbviewer and HTML exports show, with no plotly.js to load."""
+    pio.renderers["course_png"] = PngRenderer()
+    pio.renderers.default = "colab" if in_colab() else "plotly_mimetype+course_png"
     return pio.renderers.default
 
 
@@ -36,6 +39,11 @@ def _display(obj) -> None:
     if display is None:  # plain Python: nothing to draw on
         return
     display(obj)
+
+
+def live_view(widget, text: str, live: bool = True) -> LiveView | None:
+    """Display a live widget (see `static.LiveView`); None when `live` is off."""
+    return LiveView(widget, text) if live else None
 
 
 def summary_rows(steps: list[int], values: list[float], n: int = 6) -> list[tuple[int, float]]:
@@ -68,8 +76,7 @@ class LivePlot:
         if log_y:
             fig.update_yaxes(type="log")
         self.fig = go.FigureWidget(fig) if live else fig
-        if live:
-            _display(self.fig)
+        self.view = live_view(self.fig, f"live chart: {title}", live)
 
     def update(self, step: int, **values: float) -> None:
         t0 = time.perf_counter()
@@ -89,6 +96,8 @@ class LivePlot:
 
     def finish(self, decimals: int = 3) -> None:
         self.redraw()
+        if self.view is not None:
+            self.view.freeze(self.fig, text=f"chart: {self.fig.layout.title.text}")
         if not self.steps:  # e.g. training reloaded a finished checkpoint: an empty table would puzzle
             print("no steps were run, so there is nothing to plot")
             return

@@ -12,7 +12,7 @@ import ipywidgets as W
 
 from ..rewards import format_reward
 from ..tasks import ANSWER_CLOSE, ANSWER_OPEN, TAGS, THINK_CLOSE, THINK_OPEN, score_answer
-from .charts import _display
+from .charts import _display, live_view
 
 try:
     from IPython.display import HTML
@@ -111,12 +111,17 @@ class CompletionsViewer:
         self.widget = None
         if live:
             self.widget = W.HTML()
-            _display(self.widget)
+            self.view = live_view(self.widget, f"live samples: {title}")
 
     def update(self, rollout) -> None:
         self.rows = rollout_rows(rollout, self.groups, self.per_group, self.reward_fn)
         if self.widget is not None:
             self.widget.value = completions_html(self.rows, self.title)
+
+    def freeze(self) -> None:
+        """Leave the latest samples as static HTML in the viewer's output (for readers without a kernel)."""
+        if self.widget is not None and self.rows:
+            self.view.freeze(html=completions_html(self.rows, self.title), text=completions_text(self.rows))
 
     @staticmethod
     def show(rows: list[dict], title: str = "") -> str:

@@ -13,7 +13,7 @@ import time
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .charts import LAYOUT, _display, summary_rows
+from .charts import LAYOUT, live_view, summary_rows
 
 GRPO_METRICS = ("reward", "accuracy", "format_rate", "length", "zero_adv_frac", "truncation_rate", "kl", "entropy")
 GRPO_METRIC_TITLES = {"reward": "reward", "accuracy": "accuracy (sampled)", "format_rate": "format rate (strict)",
@@ -82,8 +82,7 @@ class TrainingDashboard:
             fig.add_trace(go.Scatter(x=[], y=[], mode="lines", line=dict(color="#1f5fbf"), showlegend=False), row=r, col=c)
         fig.update_layout(**{**LAYOUT, "height": 260 * rows, "margin": dict(l=40, r=20, t=70, b=30)}, title=title)
         self.fig = go.FigureWidget(fig) if live else fig
-        if live:
-            _display(self.fig)
+        self.view = live_view(self.fig, f"live dashboard: {title}", live)
 
     def __call__(self, step: int, stats: dict, rollout=None) -> None:
         self.update(step, stats, rollout)
@@ -111,6 +110,10 @@ class TrainingDashboard:
     def finish(self, n: int = 6) -> list[tuple]:
         """Draw the final state and print the static table (moving averages); returns its rows."""
         self.redraw()
+        if self.view is not None:
+            self.view.freeze(self.fig, text=f"dashboard: {self.fig.layout.title.text}")
+        if self.viewer is not None:
+            self.viewer.freeze()
         rows = dashboard_rows(self.history, self.metrics, n, self.window)
         print(f"moving averages over {self.window} steps")
         print(format_dashboard_rows(rows, self.metrics))

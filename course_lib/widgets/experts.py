@@ -11,7 +11,7 @@ import time
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .charts import LAYOUT, _display, summary_rows
+from .charts import LAYOUT, live_view, summary_rows
 
 
 def load_ratios(loads) -> list[list[float]]:
@@ -94,8 +94,7 @@ class ExpertLoadMonitor:
         fig.update_xaxes(title_text="step", row=1, col=1)
         fig.update_xaxes(title_text="load / mean", row=1, col=2)
         self.fig = go.FigureWidget(fig) if live else fig
-        if live:
-            _display(self.fig)
+        self.view = live_view(self.fig, f"live expert load: {title}", live)
 
     def update(self, step: int, loads) -> None:
         t0 = time.perf_counter()
@@ -118,6 +117,8 @@ class ExpertLoadMonitor:
     def finish(self, n: int = 6) -> list[tuple]:
         """Draw the final state and print the static table; returns its rows."""
         self.redraw()
+        if self.view is not None:
+            self.view.freeze(self.fig, text=f"expert load: {self.fig.layout.title.text}")
         rows = load_summary(self.steps, self.ratios, n)
         print(f"{'step':>5}  {'MaxVio':>6}  {'busiest':>8}  {'load/mean':>9}  {'unused':>6}")
         for step, max_vio, label, ratio, unused in rows:
