@@ -46,9 +46,10 @@ lab: setup
 	cd notebooks && ../$(BIN)/jupyter lab --ip=127.0.0.1 --port=$(PORT) \
 		--ServerApp.open_browser=True $(LAB_ARGS)
 
-# Two workers: each notebook runs whole on one of them (--dist loadscope), in file order (notebooks that
-# reload an earlier one's checkpoint tend to find it), and each kernel uses half the
-# cores (setup_notebook), so two notebooks at once fill the machine. Override with `make test WORKERS=1`.
+# Two workers: each notebook runs whole on one of them (--dist loadscope, see conftest.py), in file
+# order (notebooks that reload an earlier one's checkpoint find it; 08 runs after 07 on the same worker), and
+# each kernel uses half the cores (setup_notebook), so two notebooks at once fill the machine. Override with
+# `make test WORKERS=1`.
 WORKERS ?= 2
 
 # The static images beside charts (kaleido) are for the committed notebooks, not for checking them: off here.
