@@ -35,7 +35,6 @@ from .sharding import (
     groups_reached,
     rank_group,
     row_bytes,
-    traffic_matrix,
 )
 
 __all__ = [
@@ -43,5 +42,5 @@ __all__ = [
     "ParallelResult", "alltoall_times", "crash_demo", "parallel_forward_backward", "run_parallel", "straggler_steps",
     "train_parallel", "train_steps", "check_port", "free_port", "launch", "AllToAll", "ExpertParallelMoE",
     "run_local_experts", "DispatchPlan", "bytes_per_token", "check_layout", "dispatch_plan", "expected_remote_ranks",
-    "groups_reached", "rank_group", "row_bytes", "traffic_matrix",
+    "groups_reached", "rank_group", "row_bytes",
 ]
