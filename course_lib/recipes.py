@@ -5,6 +5,7 @@ trains the same thing and results compare fairly:
 - `pretrain_on_task`: notebook 00's pretraining, shared by every model of notebooks 01-09;
 - `grpo_recipe`: notebook 07's GRPO protocol, reused by notebook 08;
 - `train_nano_deepseek`: notebook 08's model pretrained with V3's balancing ([V3] arXiv:2412.19437 §2.1.2);
+- `balancing_configs`, `train_balancing`: notebook 05's balancing methods side by side;
 - `seed_sweep`: the whole recipe on several seeds, the spread behind every single-seed number:
 
     python -m course_lib.recipes --seeds 3                      # GRPO on the baseline, seeds 0, 1, 2, 200 steps
@@ -21,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from .balancing import LoadTracker, balancing_loss_fn
+from .balancing import LoadTracker, apply_capacity, balancing_loss_fn
 from .capstone import held_out_max_violation
 from .config import ModelConfig
 from .grpo_trainer import VARIANTS, GRPOConfig, train_grpo
@@ -120,6 +121,53 @@ def balancing_callback(model: CourseModel, then: Callable | None = None, gamma: 
 
     callback.tracker = tracker
     return callback
+
+
+# ----------------------------------------------------------------------------- notebook 05's balancing study
+
+# name: (auxiliary loss, its weight alpha, bias update speed gamma, capacity factor); [V3] §2.1.2, [V2] §3.1.2
+BALANCING_METHODS = {
+    "none": ("none", 0.0, 0.0, None),
+    "Switch": ("switch", 0.01, 0.0, None),
+    "V2 expert-level": ("expert", 0.01, 0.0, None),
+    "aux-loss-free": ("none", 0.0, BIAS_GAMMA, None),
+    "V3 (bias + sequence-wise)": ("sequence", SEQUENCE_ALPHA, BIAS_GAMMA, None),
+    "capacity 1.0": ("none", 0.0, 0.0, 1.0),
+}
+BALANCING_STEPS = {"cpu": 120, "gpu": 600}
+BALANCING_BATCH = {"cpu": 32, "gpu": 64}  # notebook 05's short 2-layer runs keep their own batch
+
+
+def balancing_configs(profile: Profile) -> dict[str, ModelConfig]:
+    """Notebook 05's two MoE models at the dense baseline's active FFN width: 8 coarse experts (top-2) against
+    16 fine ones (top-3) plus one shared ([MoE] arXiv:2401.06066 §3), 2 layers on the cpu profile."""
+    layers = {"cpu": 2, "gpu": profile.num_hidden_layers}[profile.name]
+    width = profile.intermediate_size
+    common = dict(ffn="moe", num_hidden_layers=layers, scoring_func="sigmoid", norm_topk_prob=True)
+    return {"coarse": profile.baseline_config(**common, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=0,
+                                              moe_intermediate_size=width // 2, n_group=1, topk_group=1),
+            "fine": profile.baseline_config(**common, n_routed_experts=16, num_experts_per_tok=3, n_shared_experts=1,
+                                            moe_intermediate_size=width // 4, n_group=4, topk_group=2)}
+
+
+def train_balancing(config: ModelConfig, method: str, profile: Profile, *, seed: int = 0, device=None,
+                    on_load: Callable | None = None, progress: bool = False):
+    """Train `config` on the task with one of `BALANCING_METHODS`, from the same initial weights for every
+    method of a seed. Returns (model, LoadTracker, the LM losses without the auxiliary term, TrainResult)."""
+    loss, alpha, gamma, capacity = BALANCING_METHODS[method]
+    tokens, mask = encode_examples(addition_splits(profile.n_train, profile.n_eval, digits=profile.digits, seed=0)[0],
+                                   Tokenizer())
+    torch.manual_seed(seed)
+    model = CourseModel(config).to(device or "cpu")
+    limits = apply_capacity(model, capacity) if capacity else []
+    tracker = LoadTracker(model, gamma=gamma, capacity=limits, on_load=on_load)
+    loss_fn = balancing_loss_fn(loss, alpha)
+    cfg = TrainConfig(steps=BALANCING_STEPS[profile.name], batch_size=BALANCING_BATCH[profile.name], lr=profile.lr,
+                      seed=seed)
+    result = train_lm(model, tokens, mask, cfg, loss_fn=loss_fn, callback=tracker, progress=progress)
+    for limit in limits:
+        limit.remove()  # evaluation never drops tokens ([V2] §3.1.2)
+    return model, tracker, loss_fn.lm_losses, result
 
 
 # ----------------------------------------------------------------------------- seed sweep (a script)

@@ -10,6 +10,7 @@ single-seed result (`summarize`).
 - `rl_rows`: greedy held-out accuracy before and after GRPO of the baseline (notebook 07) and of
   nano-DeepSeek, with its held-out MaxVio before and after (notebook 08);
 - `mtp_rows`: accuracy and held-out next-token loss with and without multi-token prediction (notebook 09);
+- `balancing_rows`: notebook 05's balancing methods: MaxVio, LM loss and held-out accuracy of each;
 - `variant_rows`: the GRPO recipe with each switch of `grpo_trainer.VARIANTS`, on one seed (notebook 07's table).
 
 The studies share their pretrained models through checkpoints in one folder ($COURSE_CHECKPOINT_DIR, else a
@@ -27,13 +28,14 @@ from pathlib import Path
 
 import torch
 
+from .balancing import layer_loads, mean_max_violation
 from .capstone import held_out_max_violation
 from .model import lm_loss
 from .mtp import MTPModel, mtp_loss_fn
 from .presets import mla_config, mtp_config
 from .profiles import Profile, get_profile
 from .grpo_trainer import VARIANTS
-from .recipes import pretrain_on_task, seed_sweep
+from .recipes import BALANCING_METHODS, balancing_configs, pretrain_on_task, seed_sweep, train_balancing
 from .rollout import evaluate
 from .tasks import Tokenizer, addition_splits, encode_examples
 from .train import TrainConfig, train_lm
@@ -94,7 +96,30 @@ def mtp_rows(profile: Profile, seed: int) -> list[dict]:
             {"seed": seed, "model": f"MTP (lambda {MTP_LAMBDA})", **_held_out(model, tok, eval_problems)}]
 
 
-STUDIES = {"attention": attention_rows, "rl": rl_rows, "mtp": mtp_rows, "variants": variant_rows}
+def balancing_rows(profile: Profile, seed: int) -> list[dict]:
+    """Notebook 05's table on one seed: each balancing method on the fine-grained model, and the coarse model
+    with aux-loss-free balancing. MaxVio and LM loss are means of the last 20 training steps; the held-out
+    numbers come from one forward over the held-out set (no dropping) and greedy answers."""
+    tok = Tokenizer()
+    _, eval_problems = addition_splits(profile.n_train, profile.n_eval, digits=profile.digits, seed=0)
+    tokens, mask = encode_examples(eval_problems, tok)
+    configs = balancing_configs(profile)
+    runs = [(name, "fine", name) for name in BALANCING_METHODS] + [("coarse (aux-loss-free)", "coarse", "aux-loss-free")]
+    rows = []
+    for label, size, method in runs:
+        model, tracker, lm_losses, _ = train_balancing(configs[size], method, profile, seed=seed)
+        with torch.no_grad():
+            held_out_loss = lm_loss(model.eval(), tokens, mask).item()
+        final = tracker.final(last=20)
+        rows.append({"seed": seed, "model": label, "max_vio": final["max_vio"],
+                     "held_out_vio": mean_max_violation(layer_loads(model)), "dropped": final["dropped"],
+                     "lm_loss": sum(lm_losses[-20:]) / 20, "held_out_loss": held_out_loss,
+                     "accuracy": evaluate(model, tok, eval_problems, 64).accuracy})
+    return rows
+
+
+STUDIES = {"attention": attention_rows, "rl": rl_rows, "mtp": mtp_rows, "variants": variant_rows,
+           "balancing": balancing_rows}
 SEEDS_OF = {"variants": 1}  # the variants table is one seed per switch, read as such
 
 

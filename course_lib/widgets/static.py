@@ -25,7 +25,10 @@ import warnings
 import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.io._base_renderers import MimetypeRenderer
+from tqdm.auto import tqdm as auto_bar
 from tqdm.notebook import tqdm_notebook
+
+from ..progress import set_progress_bar
 
 try:  # optional: the test extra installs it; without it the views stay live-only
     import kaleido
@@ -152,3 +155,11 @@ class NotebookBar(tqdm_notebook):
         view, self._view = getattr(self, "_view", None), None  # tqdm closes again when collected
         if view is not None:
             view.show_text(self._line())
+
+
+def register_progress_bar() -> bool:
+    """Inside a notebook (where tqdm.auto picks its notebook bar), make the training loops use `NotebookBar`."""
+    if issubclass(auto_bar, tqdm_notebook):
+        set_progress_bar(NotebookBar)
+        return True
+    return False
