@@ -21,7 +21,7 @@ TORCH_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 export PYTHONPYCACHEPREFIX := $(abspath $(VENV))/pycache
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: lab test check notebooks results setup setup-test clean-venv
+.PHONY: lab test check colab-check notebooks results setup setup-test clean-venv
 
 setup: $(VENV)/.course-installed
 setup-test: $(VENV)/.test-installed
@@ -29,7 +29,7 @@ setup-test: $(VENV)/.test-installed
 $(VENV)/.course-installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) install --no-compile -q "$(TORCH_SPEC)" $(TORCH_ARGS)
-	$(PIP) install --no-compile -q -e .
+	$(PIP) install --no-compile -q -e ".[lab]"
 	@touch $@
 
 $(VENV)/.test-installed: $(VENV)/.course-installed
@@ -60,6 +60,17 @@ test: setup-test
 # Unit tests only, two workers: about half a minute on 2 cores once the environment exists.
 check: setup-test
 	COURSE_PROFILE=cpu $(BIN)/python -m pytest tests -q -n $(WORKERS) -m "not browser"
+
+# The widget tests under the package versions Colab ships (README, Colab), in a venv of their own; the course is
+# installed with --no-deps there, as the notebooks' first cell does on Colab.
+COLAB_VENV ?= .venv-colab
+COLAB_PINS := ipywidgets==7.7.1 plotly==5.24.1 anywidget==0.9.21 einops==0.8.2 numpy==2.1.3 tqdm==4.67.3 ipython==7.34.0
+colab-check:
+	@test -x $(COLAB_VENV)/bin/python || $(PYTHON) -m venv $(COLAB_VENV)
+	$(COLAB_VENV)/bin/python -m pip install --disable-pip-version-check -q "$(TORCH_SPEC)" $(TORCH_ARGS) $(COLAB_PINS) \
+		pytest pytest-timeout nbformat pyyaml
+	$(COLAB_VENV)/bin/python -m pip install --disable-pip-version-check -q --no-deps -e .
+	COURSE_PROFILE=cpu $(COLAB_VENV)/bin/python -m pytest tests/test_widgets.py tests/test_static_views.py -q
 
 # Re-run notebooks top to bottom under the cpu profile and store their outputs (what learners read on
 # the web), without widget state: each chart keeps a PNG beside its interactive version, and

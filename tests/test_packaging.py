@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-REQUIRED = {"torch", "einops", "numpy", "ipywidgets", "anywidget", "plotly", "tqdm", "jupyterlab"}
+REQUIRED = {"torch", "einops", "numpy", "ipywidgets", "anywidget", "plotly", "tqdm"}  # no notebook server: Colab has one
 
 
 def _name(req: str) -> str:
@@ -30,7 +30,8 @@ def test_pyproject_names_every_dependency_and_ranges_torch():
     torch_req = next(d for d in deps if _name(d) == "torch")
     assert "==" not in torch_req and ">=" in torch_req, "torch must be a range so Colab's torch is kept"
     test_extras = {_name(d) for d in pyproject()["project"]["optional-dependencies"]["test"]}
-    assert {"pytest", "nbval", "transformers", "playwright"} <= test_extras
+    assert {"pytest", "nbval", "transformers", "playwright", "jupyterlab"} <= test_extras
+    assert {_name(d) for d in pyproject()["project"]["optional-dependencies"]["lab"]} == {"jupyterlab"}
 
 
 def test_environment_yml_parses_and_matches_pyproject():
@@ -39,7 +40,7 @@ def test_environment_yml_parses_and_matches_pyproject():
     assert "python=3.11" in deps
     pip = next(d["pip"] for d in deps if isinstance(d, dict) and "pip" in d)
     names = {_name(p) for p in pip if not p.startswith("-")}
-    assert names == {_name(d) for d in pyproject()["project"]["dependencies"]}
+    assert names == {_name(d) for d in pyproject()["project"]["dependencies"]} | {"jupyterlab"}  # Binder serves it
     assert any("whl/cpu" in p for p in pip), "Binder has no GPU: install the CPU build of torch"
 
 
@@ -61,6 +62,12 @@ def test_every_notebook_starts_with_the_same_setup_cell():
     assert f"git+{url}" in cell and "enable_custom_widget_manager" in cell and "setup_notebook(" in cell
     assert '"google.colab" in sys.modules' in cell
     assert "--force-reinstall" not in cell and "torch" not in cell.split("pip")[1].split("check=True")[0]
+    # Colab: this notebook's release, and nothing of Colab's replaced (no dependency resolution at all)
+    version = pyproject()["project"]["version"]
+    assert f'COURSE_REF = "v{version}"' in cell and '"--no-deps"' in cell
+    assert "COURSE_CHECKPOINT_DIR" in cell and "drive.mount" in cell
+    badges = re.findall(r"colab\.research\.google\.com/github/[^)]*?/blob/([^/]+)/notebooks", (ROOT / "README.md").read_text())
+    assert badges and set(badges) == {f"v{version}"}, "Colab badges must open the release the notebooks install"
 
 
 def test_ci_runs_exactly_the_readme_test_command():

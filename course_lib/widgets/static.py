@@ -95,10 +95,10 @@ class PngRenderer(MimetypeRenderer):
 
 
 def widget_bundle(widget, text: str) -> dict:
-    """The display bundle of an ipywidget (or FigureWidget) with `text` as its plain-text fallback."""
-    bundle = {k: v for k, v in widget._repr_mimebundle_().items() if k == "application/vnd.jupyter.widget-view+json"}
-    bundle["text/plain"] = text
-    return bundle
+    """The display bundle of an ipywidget (or FigureWidget) with `text` as its plain-text fallback (built by
+    hand: ipywidgets 7, which Colab ships, has no `_repr_mimebundle_`)."""
+    view = {"version_major": 2, "version_minor": 0, "model_id": widget.model_id}
+    return {"application/vnd.jupyter.widget-view+json": view, "text/plain": text}
 
 
 def show_bundle(bundle: dict):
