@@ -5,7 +5,10 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from xdist.scheduler import LoadScopeScheduling
+try:
+    from xdist.scheduler import LoadScopeScheduling
+except ImportError:  # pytest-xdist is a test extra; without it (make colab-check) tests run in one process
+    LoadScopeScheduling = None
 
 _notebook_seconds: dict[str, float] = defaultdict(float)
 
@@ -35,18 +38,18 @@ def pytest_terminal_summary(terminalreporter):
 RUN_TOGETHER = {"notebooks/07_grpo.ipynb": "notebooks/07+08", "notebooks/08_nano_deepseek.ipynb": "notebooks/07+08"}
 
 
-class NotebookScheduling(LoadScopeScheduling):
-    """xdist's loadscope, with the notebooks of RUN_TOGETHER as one scope."""
+if LoadScopeScheduling is not None:
+    class NotebookScheduling(LoadScopeScheduling):
+        """xdist's loadscope, with the notebooks of RUN_TOGETHER as one scope."""
 
-    def _split_scope(self, nodeid: str) -> str:
-        scope = super()._split_scope(nodeid)
-        return RUN_TOGETHER.get(scope, scope)
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return RUN_TOGETHER.get(scope, scope)
 
-
-def pytest_xdist_make_scheduler(config, log):
-    if config.getvalue("dist") == "loadscope":
-        return NotebookScheduling(config, log)
-    return None
+    def pytest_xdist_make_scheduler(config, log):
+        if config.getvalue("dist") == "loadscope":
+            return NotebookScheduling(config, log)
+        return None
 
 
 def pytest_collection_modifyitems(items):
