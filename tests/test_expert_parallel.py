@@ -28,6 +28,7 @@ from course_lib.expert_parallel import (
     bytes_per_token,
     check_layout,
     crash_demo,
+    cross_group_bytes,
     deepseek_v3_ep,
     dispatch_plan,
     expected_remote_ranks,
@@ -40,6 +41,7 @@ from course_lib.expert_parallel import (
     run_parallel,
     train_parallel,
     train_steps,
+    traffic_matrix,
 )
 from course_lib.model import CourseModel
 from course_lib.moe import DeepSeekMoE
@@ -249,3 +251,12 @@ def test_a_taken_port_is_refused_before_anything_starts():
         with pytest.raises(RuntimeError, match=f"port {port} on 127.0.0.1 is taken.*port=None"):
             launch(print, 2, port=port)
     assert not no_children_left()
+
+
+def test_traffic_matrix_counts_dispatch_out_and_combine_answers():
+    d, c = row_bytes(8, 2)
+    m = traffic_matrix([[5, 2, 0], [1, 4, 3], [0, 0, 6]], 8, 2)
+    assert m[0] == [0, 2 * d + 1 * c, 0]  # rank 0 -> 1: 2 dispatch rows out, answers to rank 1's 1 row
+    assert m[1] == [1 * d + 2 * c, 0, 3 * d]
+    assert m[2] == [0, 3 * c, 0]  # rank 2 sent nothing itself: it only answers rank 1's 3 rows
+    assert cross_group_bytes(m, 1) == sum(map(sum, m)) and cross_group_bytes(m, 3) == 0

@@ -1,16 +1,12 @@
-"""The traffic heatmap's pure functions: bytes from split sizes, group totals, labels; the view draws them."""
+"""The traffic heatmap's pure functions (mean over steps, group totals, labels), and the view drawing them."""
 
-from course_lib.expert_parallel import row_bytes
-from course_lib.widgets import TrafficHeatmap, heatmap_text, traffic_bytes, traffic_summary
+from course_lib.expert_parallel import traffic_matrix
+from course_lib.widgets import TrafficHeatmap, heatmap_text, mean_matrix, traffic_summary
 
 
-def test_traffic_bytes_counts_dispatch_out_and_combine_answers():
-    splits = [[5, 2, 0], [1, 4, 3], [0, 0, 6]]  # rank i sent splits[i][j] rows to rank j
-    m = traffic_bytes(splits, 10, 7)
-    assert m[0] == [0, 2 * 10 + 1 * 7, 0]  # rank 0 -> 1: 2 dispatch rows out, answers to rank 1's 1 row
-    assert m[1] == [1 * 10 + 2 * 7, 0, 3 * 10]
-    assert m[2] == [0, 3 * 7, 0]  # rank 2 sent nothing itself: it only answers rank 1's 3 rows
-    assert [m[i][i] for i in range(3)] == [0, 0, 0]  # rows kept at home move no bytes
+def test_mean_matrix_averages_every_cell():
+    assert mean_matrix([[[0, 2], [4, 0]], [[0, 4], [0, 0]]]) == [[0, 3], [2, 0]]
+    assert mean_matrix([]) == []
 
 
 def test_traffic_summary_splits_cross_group_bytes():
@@ -22,12 +18,14 @@ def test_traffic_summary_splits_cross_group_bytes():
     assert traffic_summary([[0, 0], [0, 0]])["busiest_sender_share"] == 0.0
 
 
-def test_heatmap_view_shows_the_mean_of_its_steps():
-    d, c = row_bytes(8, 2)
-    view = TrafficHeatmap(d, c, live=False)
-    view.update(0, [[1, 2], [3, 4]])
-    view.update(1, [[1, 4], [1, 4]])
-    assert view.mean_matrix() == [[0, (2 * d + 3 * c + 4 * d + 1 * c) / 2], [(3 * d + 2 * c + 1 * d + 4 * c) / 2, 0]]
-    assert view.fig.data[0].z is not None and view.draws >= 1
-    assert heatmap_text(view.mean_matrix())[0][0] == "·"
-    assert view.finish()["total"] == sum(map(sum, view.mean_matrix()))
+def test_heatmap_view_draws_the_mean_of_its_steps():
+    view = TrafficHeatmap(live=False)
+    first, second = traffic_matrix([[1, 2], [3, 4]], 8, 2), traffic_matrix([[1, 4], [1, 4]], 8, 2)
+    view.update(0, first)
+    assert [list(row) for row in view.fig.data[0].z] == first  # the first step draws at once
+    view.update(1, second)  # within min_interval: recorded, drawn by finish()
+    summary = view.finish()
+    drawn = [list(row) for row in view.fig.data[0].z]
+    assert drawn == mean_matrix([first, second]) and drawn[0][1] == (first[0][1] + second[0][1]) / 2
+    assert heatmap_text(drawn)[0][0] == "·" and heatmap_text(drawn)[0][1].endswith("kB")
+    assert summary["total"] == sum(map(sum, drawn))

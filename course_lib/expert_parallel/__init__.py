@@ -8,6 +8,7 @@ here on gloo between CPU processes and on NCCL between GPUs:
 - `layer`: `ExpertParallelMoE`, dispatch and combine with autograd-aware all-to-alls;
 - `processes`: spawning W processes into one group, with timeouts and no process left behind;
 - `jobs`: what the ranks run: `run_parallel`, stragglers, a training run, all-to-all timing;
+- `study`: notebook 10's measurements (parity, bytes, node-limited routing, stragglers, the fit);
 - `cost`: the latency + bandwidth model, fitted here and applied to DeepSeek-V3's cluster.
 
 `torchrun --nproc-per-node N -m course_lib.expert_parallel` runs the parity and traffic check on N ranks.
@@ -24,23 +25,25 @@ from .jobs import (
     train_parallel,
     train_steps,
 )
-from .processes import check_port, free_port, launch
+from .processes import MemorySampler, check_port, free_port, launch
 from .layer import AllToAll, ExpertParallelMoE, run_local_experts
 from .sharding import (
     DispatchPlan,
     bytes_per_token,
     check_layout,
+    cross_group_bytes,
     dispatch_plan,
     expected_remote_ranks,
     groups_reached,
     rank_group,
     row_bytes,
+    traffic_matrix,
 )
 
 __all__ = [
     "ClusterEP", "alltoall_seconds", "deepseek_v3_ep", "fit_latency_bandwidth", "simulate_nodes_reached",
     "ParallelResult", "alltoall_times", "crash_demo", "parallel_forward_backward", "run_parallel", "straggler_steps",
-    "train_parallel", "train_steps", "check_port", "free_port", "launch", "AllToAll", "ExpertParallelMoE",
+    "train_parallel", "train_steps", "MemorySampler", "check_port", "free_port", "launch", "AllToAll", "ExpertParallelMoE",
     "run_local_experts", "DispatchPlan", "bytes_per_token", "check_layout", "dispatch_plan", "expected_remote_ranks",
-    "groups_reached", "rank_group", "row_bytes",
+    "groups_reached", "rank_group", "row_bytes", "traffic_matrix", "cross_group_bytes",
 ]

@@ -22,11 +22,14 @@ from .sharding import expected_remote_ranks, groups_reached
 
 
 def fit_latency_bandwidth(sizes: list[float], seconds: list[float]) -> tuple[float, float]:
-    """Least-squares (α seconds, β bytes/s) of t = α + b/β over measured (bytes, seconds) pairs."""
-    n = len(sizes)
-    mx, my = sum(sizes) / n, sum(seconds) / n
-    sxx = sum((x - mx) ** 2 for x in sizes)
-    slope = sum((x - mx) * (y - my) for x, y in zip(sizes, seconds)) / sxx
+    """(α seconds, β bytes/s) of t = α + b/β fitted to measured (bytes, seconds) pairs by least squares on the
+    relative error (weights 1/t²), so small messages, where latency dominates, count as much as large ones."""
+    w = [1 / t**2 for t in seconds]
+    sw = sum(w)
+    mx = sum(wi * x for wi, x in zip(w, sizes)) / sw
+    my = sum(wi * y for wi, y in zip(w, seconds)) / sw
+    sxx = sum(wi * (x - mx) ** 2 for wi, x in zip(w, sizes))
+    slope = sum(wi * (x - mx) * (y - my) for wi, x, y in zip(w, sizes, seconds)) / sxx
     return max(my - slope * mx, 0.0), 1 / slope if slope > 0 else float("inf")
 
 

@@ -140,6 +140,7 @@ def _straggler_job(ctx: RankContext, config: ModelConfig, state: dict, tokens: i
             if gamma:
                 balance_bias(layer, gamma)
             rows.append({"step": step, "load": layer.last_rank_load, "expert_s": layer.last_expert_seconds,
+                         "expert_cpu_s": layer.last_expert_cpu_seconds,
                          "comm_s": layer.last_comm_seconds, "step_s": seconds,
                          "send_splits": layer.last_send_splits, "peak_mb": peak_memory_mb()})
     return rows

@@ -83,7 +83,8 @@ class ExpertParallelMoE(DeepSeekMoE):
     forward(x) on every rank, each with its own tokens, equals the single-process layer on those tokens.
     After each forward, besides DeepSeekMoE's `last_*` routing records (this rank's tokens), it holds
     `last_send_splits` and `last_recv_splits` (W,) (dispatch rows per rank), `last_rank_load` (expert slots
-    this rank computed) and `last_comm_seconds`, `last_expert_seconds` (time in the all-to-alls and in its experts).
+    this rank computed) and `last_comm_seconds`, `last_expert_seconds` (wall time in the all-to-alls and in its experts) and
+    `last_expert_cpu_seconds` (CPU time of its experts: what the work costs even when processes share cores).
     """
 
     def __init__(self, moe: DeepSeekMoE, group=None, rank: int | None = None, world_size: int | None = None) -> None:
@@ -104,7 +105,7 @@ class ExpertParallelMoE(DeepSeekMoE):
         self.last_send_splits: list[int] = []
         self.last_recv_splits: list[int] = []
         self.last_rank_load = 0
-        self.last_comm_seconds = self.last_expert_seconds = 0.0
+        self.last_comm_seconds = self.last_expert_seconds = self.last_expert_cpu_seconds = 0.0
 
     def global_expert(self, local: int) -> int:
         return self.rank * self.experts_per_rank + local
@@ -137,13 +138,13 @@ class ExpertParallelMoE(DeepSeekMoE):
         t0 = time.perf_counter()
         recv_splits = exchange_splits(plan.send_splits, self.group, flat.device)
         recv = AllToAll.apply(payload, recv_splits, plan.send_splits, self.group)  # (R, d+2K)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.thread_time()
         rows, rgates, rexp = recv.split([d, K, K], dim=-1)  # (R, d), (R, K), (R, K)
         out = run_local_experts(self.experts, rows, rgates, rexp.detach().long())  # (R, d)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.thread_time()
         back = AllToAll.apply(out, plan.send_splits, recv_splits, self.group)  # (S, d): each row's answer
         self.last_comm_seconds = t1 - t0 + time.perf_counter() - t2
-        self.last_expert_seconds = t2 - t1
+        self.last_expert_seconds, self.last_expert_cpu_seconds = t2 - t1, c2 - c1
         self.last_send_splits, self.last_recv_splits = plan.send_splits, recv_splits
         self.last_rank_load = int((rexp >= 0).sum())
         return flat.new_zeros(flat.shape).index_add(0, plan.token, back)  # (N, d)

@@ -81,6 +81,22 @@ def bytes_per_token(remote_rows: int, tokens: int, hidden: int, top_k: int, elem
     return remote_rows * (dispatch + combine) / max(tokens, 1)
 
 
+def traffic_matrix(send_splits: list[list[int]], hidden: int, top_k: int, element_size: int = 4) -> list[list[int]]:
+    """(W, W) bytes rank i sends to rank j in one forward: its dispatch rows to j plus the combine rows with
+    which it answers j's rows. send_splits[i][j] are rank i's dispatch split sizes; the diagonal (rows a rank
+    keeps for its own experts) moves no bytes and is 0."""
+    dispatch, combine = row_bytes(hidden, top_k, element_size)
+    W = len(send_splits)
+    return [[0 if i == j else send_splits[i][j] * dispatch + send_splits[j][i] * combine for j in range(W)]
+            for i in range(W)]
+
+
+def cross_group_bytes(matrix: list[list[int]], ranks_per_group: int) -> int:
+    """Bytes of a (W, W) traffic matrix that leave a group of `ranks_per_group` ranks (in DeepSeek-V3: cross IB)."""
+    W = len(matrix)
+    return sum(matrix[i][j] for i in range(W) for j in range(W) if i // ranks_per_group != j // ranks_per_group)
+
+
 def expected_remote_ranks(n_experts: int, top_k: int, world_size: int) -> float:
     """Other ranks a token reaches on average when its K experts are K distinct experts drawn uniformly:
     (W − 1) · (1 − C(E − E/W, K) / C(E, K)): each other rank is missed only when all K avoid its E/W experts."""

@@ -1,7 +1,8 @@
 """Expert parallelism (notebook 10): the live rank-to-rank traffic heatmap of the all-to-all.
 
-A thin view over the split sizes the ranks exchange: each step's (W, W) dispatch rows (row i: what rank i
-sent to each rank) go through the pure functions below, which the tests check, and the view only draws them.
+A thin view over `course_lib.expert_parallel.traffic_matrix` (each step's (W, W) bytes, row i what rank i
+sent to each rank); the pure functions below average and summarize them, the tests check them, and the view
+only draws them.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import plotly.graph_objects as go
 from .charts import LAYOUT, live_view
 
 
-def traffic_bytes(send_splits, dispatch_row_bytes: int, combine_row_bytes: int) -> list[list[int]]:
-    """(W, W) bytes rank i sends to rank j in one forward: its dispatch rows to j plus the combine rows with which
-    it answers j's rows. The diagonal (rows a rank keeps for its own experts) moves no bytes and is 0."""
-    W = len(send_splits)
-    return [[0 if i == j else send_splits[i][j] * dispatch_row_bytes + send_splits[j][i] * combine_row_bytes
-             for j in range(W)] for i in range(W)]
+def mean_matrix(matrices) -> list[list[float]]:
+    """The element-wise mean of a list of (W, W) matrices ([] for none)."""
+    if not matrices:
+        return []
+    n = len(matrices)
+    return [[sum(m[i][j] for m in matrices) / n for j in range(len(matrices[0]))] for i in range(len(matrices[0]))]
 
 
 def traffic_summary(matrix, ranks_per_group: int = 1) -> dict:
@@ -39,17 +40,16 @@ def heatmap_text(matrix) -> list[list[str]]:
 class TrafficHeatmap:
     """Live heatmap of the bytes each rank sends to each other rank, redrawn as steps arrive.
 
-    `update(step, send_splits)` takes one step's (W, W) dispatch rows (e.g. as `launch`'s `on_message`);
-    the heatmap shows the mean bytes per step so far. `finish()` draws the final state, freezes a static copy
+    `update(step, matrix)` takes one step's (W, W) bytes (from `expert_parallel.traffic_matrix`); the heatmap
+    shows the mean bytes per step so far. `finish()` draws the final state, freezes a static copy
     into the output and prints the same numbers as a table.
     """
 
-    def __init__(self, dispatch_row_bytes: int, combine_row_bytes: int, title: str = "bytes sent, rank to rank",
-                 every: int = 1, min_interval: float = 0.3, live: bool = True) -> None:
-        self.row_bytes = (dispatch_row_bytes, combine_row_bytes)
+    def __init__(self, title: str = "bytes sent, rank to rank", every: int = 1, min_interval: float = 0.3,
+                 live: bool = True) -> None:
         self.every, self.min_interval, self.title = every, min_interval, title
         self.steps: list[int] = []
-        self.total: list[list[int]] | None = None
+        self.matrices: list[list[list[int]]] = []
         self.draws, self.seconds, self._last_draw = 0, 0.0, float("-inf")
         fig = go.Figure(go.Heatmap(z=[], x=[], y=[], colorscale="Blues", texttemplate="%{text}",
                                    colorbar=dict(title="bytes/step")))
@@ -58,14 +58,9 @@ class TrafficHeatmap:
         self.fig = go.FigureWidget(fig) if live else fig
         self.view = live_view(self.fig, f"live traffic: {title}", live)
 
-    def mean_matrix(self) -> list[list[float]]:
-        n = max(len(self.steps), 1)
-        return [[v / n for v in row] for row in (self.total or [])]
-
-    def update(self, step: int, send_splits) -> None:
+    def update(self, step: int, matrix) -> None:
         t0 = time.perf_counter()
-        m = traffic_bytes(send_splits, *self.row_bytes)
-        self.total = m if self.total is None else [[a + b for a, b in zip(r, s)] for r, s in zip(self.total, m)]
+        self.matrices.append([list(row) for row in matrix])
         self.steps.append(step)
         if step % self.every == 0 and t0 - self._last_draw >= self.min_interval:
             self.redraw()
@@ -73,7 +68,7 @@ class TrafficHeatmap:
         self.seconds += time.perf_counter() - t0
 
     def redraw(self) -> None:
-        m = self.mean_matrix()
+        m = mean_matrix(self.matrices)
         labels = [f"rank {r}" for r in range(len(m))]
         with self.fig.batch_update():
             heat = self.fig.data[0]
@@ -86,7 +81,7 @@ class TrafficHeatmap:
         self.redraw()
         if self.view is not None:
             self.view.freeze(self.fig, text=f"traffic: {self.title}")
-        m = self.mean_matrix()
+        m = mean_matrix(self.matrices)
         print("bytes per step, from rank (rows) to rank (columns):")
         for i, row in enumerate(m):
             print(f"  rank {i}: " + "  ".join(f"{v:>9,.0f}" for v in row))
