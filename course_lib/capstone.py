@@ -84,6 +84,11 @@ ROWS = (
     ("max_vio_after_grpo", "expert load imbalance after GRPO (MaxVio, held-out)", "{:.2f}"),
 )
 MODELS = (("baseline", "dense MHA baseline"), ("nano_deepseek", "nano-DeepSeek"))
+# Which of the card's "devices" measured a row: training runs where the notebook trains, decoding is timed on a
+# CPU copy (as in notebook 00), accuracy is evaluated where the model lives. Rows not named are counts.
+MEASURED_ON = {"train_tokens_per_s": "train", "decode_tokens_per_s_short": "decode",
+               "decode_tokens_per_s_long": "decode", "accuracy_before_grpo": "model", "accuracy_after_grpo": "model",
+               "format_rate_after_grpo": "model", "max_vio_before_grpo": "model", "max_vio_after_grpo": "model"}
 
 
 def _cell(value, fmt: str) -> str:
@@ -96,7 +101,10 @@ def results_table(card: dict) -> str:
     if missing:
         raise ValueError(f"the report card lacks {missing}: re-run notebook 08 to write a complete card.")
     lines = ["| | " + " | ".join(label for _, label in MODELS) + " |", "|---|" + "---:|" * len(MODELS)]
+    devices = card.get("devices", {})
     for key, label, fmt in ROWS:
+        if MEASURED_ON.get(key) in devices:
+            label = f"{label} [{devices[MEASURED_ON[key]]}]"
         lines.append(f"| {label} | " + " | ".join(_cell(card["models"][m][key], fmt) for m, _ in MODELS) + " |")
     ctx = card.get("contexts", {})
     lines.append("")
@@ -105,5 +113,6 @@ def results_table(card: dict) -> str:
                  f"{ctx.get('short', '?')} and {ctx.get('long', '?')} tokens of context, batch {ctx.get('batch', '?')}. "
                  f"Both models: the same {card.get('pretrain_steps', '?')} pretraining steps on the same worked "
                  f"examples, then {card.get('grpo_steps', '?')} GRPO steps (notebook 07's protocol), seed "
-                 f"{card.get('seed', '?')}.")
+                 f"{card.get('seed', '?')}."
+                 + (" In brackets: the device each row was measured on." if devices else ""))
     return "\n".join(lines)

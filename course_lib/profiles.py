@@ -98,6 +98,26 @@ def pick_device(profile: str = "gpu") -> tuple[torch.device, str]:
     return torch.device("cpu"), "no CUDA or MPS here"
 
 
+# How many greedy decodes two exact-in-principle paths (cached vs uncached, absorbed vs naive MLA, batched vs
+# one by one) must agree on. On a CPU both paths run the same float32 kernels in the same order: identical
+# tokens. On CUDA or MPS the paths multiply matrices of different shapes (one new row against a whole
+# sequence), whose kernels may sum in another order; a near-tie argmax can then flip, and that sequence follows
+# its own path from there. The share below for those devices is an allowance, not a measurement.
+EXACT_SHARE = {"cpu": 1.0, "cuda": 0.95, "mps": 0.95}
+
+
+def same_share(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The share of rows (sequences) of two (N, T) token tensors that are identical."""
+    if a.shape != b.shape:
+        return 0.0
+    return (a == b).all(dim=-1).float().mean().item()
+
+
+def exact_share_needed(device) -> float:
+    """`EXACT_SHARE` for a device: 1.0 (every sequence identical) on a CPU."""
+    return EXACT_SHARE.get(torch.device(device).type, 0.95)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)

@@ -131,3 +131,13 @@ def test_memory_report_on_this_machine():
     line = profiles.memory_report("cpu")
     assert line.startswith("peak memory of this kernel ") and " MB; CPU time " in line
     assert 10 < profiles.peak_memory_mb() < 100_000  # a Python process with torch loaded, in MB
+
+
+def test_exactness_allowance_is_exact_on_cpu_and_counts_whole_sequences():
+    from course_lib.profiles import exact_share_needed, same_share
+
+    assert exact_share_needed("cpu") == 1.0 and exact_share_needed(torch.device("cuda", 0)) < 1.0
+    a = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9], [1, 1, 1]])
+    b = a.clone()
+    b[1, 2] = 0  # one token off in one sequence: that whole sequence differs
+    assert same_share(a, a) == 1.0 and same_share(a, b) == 0.75 and same_share(a, b[:, :2]) == 0.0

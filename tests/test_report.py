@@ -84,3 +84,14 @@ def test_missing_markers_or_times_are_reported_clearly():
     assert report.contents_with_times(block, {"00_x.ipynb": 42.4}).endswith("| 42 s |")
     with pytest.raises(ValueError, match="no measured run time for 00_x.ipynb"):
         report.contents_with_times(block, {})
+
+
+def test_results_table_names_the_device_of_each_measured_row():
+    c = {"profile": "gpu", "models": {m: {k: 0.25 for k, _, _ in ROWS} for m, _ in MODELS},
+         "devices": {"train": "cuda", "decode": "cpu", "model": "cuda"}}
+    table = results_table(c)
+    assert "| training tokens/s [cuda] |" in table and "| decode tokens/s, short context [cpu] |" in table
+    assert "| parameters (total) |" in table  # a count has no device
+    assert "the device each row was measured on" in table
+    del c["devices"]
+    assert "[cuda]" not in results_table(c)
