@@ -1,4 +1,4 @@
-"""The course's speed and memory claims, each measured in one run: `python -m course_lib.benchmarks kv|moe|mtp`.
+"""The course's speed and memory claims, each measured in one run: `python -m course_lib.benchmarks kv|moe|mtp|ep`.
 
 The command prints every measurement and the floor each claim must meet, and exits with status 1 when a
 floor is missed (notebooks print the same ratios with their expected range, and never assert on time).
@@ -16,6 +16,10 @@ moe (notebook 04):
 mtp (notebook 09):
 - `speculative_speed`: greedy decoding at batch 1, self-speculative vs plain cached, on MTP models of
   notebook 09's width with 3, 6 and 12 main blocks; the drafts are forced right at a chosen acceptance rate.
+ep (notebook 10):
+- `ep_parity`, `ep_node_limited`, `ep_stragglers`: expert parallelism on spawned gloo processes: outputs and
+  gradients against one process, bytes per token against the formula, node-limited routing's cut in
+  cross-group bytes, rank loads and waiting with and without aux-loss-free balancing.
 
 The measurements live in `measure` (rows of numbers), the command line and its floors in `cli`.
 """

@@ -1,4 +1,4 @@
-"""`python -m course_lib.benchmarks kv|moe|mtp`: run one benchmark and exit 1 if a floor is missed."""
+"""`python -m course_lib.benchmarks kv|moe|mtp|ep`: run one benchmark and exit 1 if a floor is missed."""
 
 import sys
 

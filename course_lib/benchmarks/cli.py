@@ -1,6 +1,6 @@
 """The benchmarks' command line: print each measurement of `measure` and judge the floors the course claims.
 
-`python -m course_lib.benchmarks kv|moe|mtp [--quick] [--repeats N] [--threads N] [--clock cpu]` exits with
+`python -m course_lib.benchmarks kv|moe|mtp|ep [--quick] [--repeats N] [--threads N] [--clock cpu]` exits with
 status 1 when a floor is missed; a quick run (small sizes) judges none.
 """
 
@@ -117,13 +117,50 @@ def report_mtp(quick: bool, repeats: int, device: str, clock, acceptance: float)
                    None if not at else at[0] >= 1.2, f", {at[0]:.2f}x" if at else "")]
 
 
+def report_ep(quick: bool) -> list[bool | None]:
+    print("Expert parallelism: one DeepSeekMoE layer (8 experts, top-2, hidden 64) on W gloo processes vs one")
+    rows = measure.ep_parity(quick)
+    for r in rows:
+        print(f"  W={r['world_size']}: output error {r['output_err']:.1e}, gradient error {r['grad_err']:.1e}; "
+              f"bytes/token measured {r['bytes_measured']:.2f}, formula {r['bytes_formula']:.2f}")
+    worst = max(max(r["output_err"], r["grad_err"]) for r in rows)
+    floors = [_floor("outputs and gradients within 1e-6 of one process", worst <= 1e-6, f", worst {worst:.1e}"),
+              _floor("bytes per token from the split sizes equal the formula",
+                     all(r["bytes_measured"] == r["bytes_formula"] for r in rows))]
+    print("\nNode-limited routing on 4 ranks (one group each), 16 experts, top-4")
+    limited = measure.ep_node_limited(quick)
+    for r in limited:
+        print(f"  {r['routing']:>18}: {r['cross_group_bytes_per_token']:7.1f} cross-group bytes/token, "
+              f"groups per token mean {r['mean_groups']:.2f}, max {r['max_groups']}")
+    cut = 1 - limited[1]["cross_group_bytes_per_token"] / limited[0]["cross_group_bytes_per_token"]
+    floors.append(_floor("node-limited: at most M=2 groups per token and >= 15% fewer cross-group bytes",
+                         limited[1]["max_groups"] <= 2 and cut >= 0.15, f", cut {cut:.0%}"))
+    print("\nStragglers on 2 ranks: a router preferring rank 0's experts, without and with the aux-loss-free bias")
+    summary = measure.ep_stragglers(quick)
+    for name in ("no balancing", "aux-loss-free bias"):
+        s = summary[name]
+        print(f"  {name:>18}: load max/mean {s['load_max_over_mean']:.2f}, expert CPU ms busiest "
+              f"{s['busiest_cpu_ms']:.1f} / mean {s['mean_cpu_ms']:.1f} (ranks wait {s['waiting']:.0%}), "
+              f"step {s['step_ms']:.1f} ms")
+    skewed, balanced = summary["no balancing"], summary["aux-loss-free bias"]
+    print(f"  step time no balancing / balanced: {skewed['step_ms'] / balanced['step_ms']:.2f}x "
+          f"(load ratio {skewed['load_max_over_mean'] / balanced['load_max_over_mean']:.2f}x)")
+    floors.append(_floor("aux-loss-free balancing: busiest rank within 15% of the mean (from > 30% above it)",
+                         skewed["load_max_over_mean"] > 1.3 and balanced["load_max_over_mean"] <= 1.15))
+    floors.append(_floor("the other ranks wait >= 25% of the expert CPU time unbalanced, <= 20% balanced",
+                         None if quick else skewed["waiting"] >= 0.25 and balanced["waiting"] <= 0.2,
+                         f", {skewed['waiting']:.0%} and {balanced['waiting']:.0%}"))
+    return floors
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one benchmark; returns the exit status: 1 if a floor was missed, else 0."""
     ap = argparse.ArgumentParser(prog="python -m course_lib.benchmarks", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="bench", required=True)
     for name, text in (("kv", "KV cache decode, MLA absorbed/naive vs MHA, cache bytes per token"),
                        ("moe", "MoE dispatch tokens/s, MoE layer vs dense SwiGLU"),
-                       ("mtp", "self-speculative vs plain greedy decoding at 3 depths of the main model")):
+                       ("mtp", "self-speculative vs plain greedy decoding at 3 depths of the main model"),
+                       ("ep", "expert parallelism on gloo processes: parity, bytes per token, node limit, stragglers")):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--repeats", type=int, default=None,
                        help="timed repeats per measurement (default 5; 1 with --quick)")
@@ -148,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{', quick sizes' if args.quick else ''}\n")
     if args.bench == "kv":
         floors = report_kv(args.quick, repeats, args.device, CLOCKS[args.clock])
+    elif args.bench == "ep":
+        floors = report_ep(args.quick)
     elif args.bench == "mtp":
         floors = report_mtp(args.quick, repeats, args.device, CLOCKS[args.clock], args.acceptance)
     else:

@@ -20,6 +20,7 @@ from torch import nn
 from ..attention import CausalSelfAttention, MultiHeadLatentAttention
 from ..bench import compare_many
 from ..config import ModelConfig
+from ..expert_parallel import study
 from ..generate import generate
 from ..layers import SwiGLU
 from ..model import CourseModel
@@ -283,3 +284,22 @@ def speculative_speed(quick: bool = False, repeats: int = 5, device: str = "cpu"
                      "speculative_tok_s": t["speculative"].per_second(n),
                      "speedup": t["plain"].median / t["speculative"].median})
     return rows
+
+
+# ----------------------------------------------------------------------------- ep (notebook 10)
+
+def ep_parity(quick: bool = False) -> list[dict]:
+    """One MoE layer on W spawned gloo processes against one process: errors and bytes per token per W."""
+    return study.parity_rows((1, 2) if quick else (1, 2, 4))
+
+
+def ep_node_limited(quick: bool = False) -> list[dict]:
+    """Cross-group bytes per token on 4 ranks (one group each), unrestricted top-4 of 16 and limited to 2 groups."""
+    return study.node_limited_rows(world_size=4, experts=16, top_k=4, limit=2, tokens=128 if quick else 512)
+
+
+def ep_stragglers(quick: bool = False) -> dict:
+    """Skewed routing on 2 ranks, without and with the aux-loss-free bias: {setting: straggler_summary}."""
+    steps = 12 if quick else 24
+    runs = study.straggler_runs(world_size=2, tokens=256 if quick else 1024, steps=steps)
+    return {name: study.straggler_summary(rows, last=steps // 3) for name, rows in runs.items()} | {"runs": runs}

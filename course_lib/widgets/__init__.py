@@ -13,6 +13,7 @@ each live view also prints a small table of the same numbers when it finishes.
 - `experts`: the MoE expert-load monitor (`ExpertLoadMonitor`).
 - `dashboard`: the live GRPO training dashboard (`TrainingDashboard`).
 - `completions`: the viewer for sampled completions (`CompletionsViewer`).
+- `traffic`: the rank-to-rank traffic heatmap of expert parallelism (`TrafficHeatmap`).
 """
 
 from tqdm.auto import tqdm as _auto_bar
@@ -32,6 +33,7 @@ from .completions import (
 from .dashboard import GRPO_METRIC_TITLES, GRPO_METRICS, TrainingDashboard, dashboard_rows, format_dashboard_rows, smoothed
 from .experts import ExpertLoadMonitor, keep_columns, load_heatmap_data, load_ratios, load_summary
 from .static import STATIC_ENV, LiveView, NotebookBar, PngRenderer, png, png_bundle, static_enabled, widget_bundle
+from .traffic import TrafficHeatmap, heatmap_text, mean_matrix, traffic_summary
 
 __all__ = [
     # static
@@ -46,6 +48,8 @@ __all__ = [
     "PART_STYLES", "completion_parts", "rollout_rows", "completions_html", "completions_text", "CompletionsViewer",
     # experts
     "load_ratios", "keep_columns", "load_heatmap_data", "load_summary", "ExpertLoadMonitor",
+    # traffic
+    "mean_matrix", "traffic_summary", "heatmap_text", "TrafficHeatmap",
 ]
 
 # Charts render with Colab's renderer on Colab and JupyterLab's elsewhere from the first import on: the core
