@@ -139,13 +139,15 @@ def spread_table(rows: list[dict], models: list[str] | None = None,
     stats = {key: summarize(rows, key) for key, _ in keys}
     models = models or list(stats[keys[0][0]])
     seeds = stats[keys[0][0]][models[0]]["seeds"]
-    lines = [f"over seeds {seeds}" + "".join(f"{key + ': mean (range)':>34}" for key, _ in keys)]
+    head = f"over seeds {seeds}"
+    width = max(len(head), *(len(name) + 2 for name in models))
+    lines = [f"{head:<{width}}" + "".join(f"{key + ': mean (range)':>34}" for key, _ in keys)]
     for name in models:
         cells = []
         for key, fmt in keys:
             s = stats[key][name]
             cells.append(f"{fmt.format(s['mean'])} ({fmt.format(s['min'])} to {fmt.format(s['max'])})")
-        lines.append(f"{name:<{len(lines[0]) - 34 * len(keys)}}" + "".join(f"{c:>34}" for c in cells))
+        lines.append(f"{name:<{width}}" + "".join(f"{c:>34}" for c in cells))
     return "\n".join(lines)
 
 
