@@ -299,7 +299,8 @@ class LoadTracker:
         self.losses: list[float] = []
 
     def __call__(self, step: int, loss: float | None = None) -> None:
-        loads = layer_loads(self.layers)  # (L, E)
+        on_device = layer_loads(self.layers)  # (L, E), where the model is
+        loads = on_device.cpu()  # one copy (one wait on a GPU) instead of one per statistic below
         self.steps.append(step)
         self.loads.append(loads)
         self.max_vio.append(mean_max_violation(loads))
@@ -310,7 +311,7 @@ class LoadTracker:
         if loss is not None:
             self.losses.append(float(loss))
         if self.gamma > 0:
-            for m, load in zip(self.layers, loads):
+            for m, load in zip(self.layers, on_device):  # on the device: no wait
                 update_bias(m, load, self.gamma)
         if self.on_load is not None:
             self.on_load(step, loads)
