@@ -45,6 +45,14 @@ def _gate_with(score="sigmoid", bias_in_weights=False, normalize=True, group="to
     return gate
 
 
+def _weights_sum_to_scale(case: Case, result) -> str | None:
+    """Eq 13 normalizes the K weights: each token's sum is the scaling factor."""
+    weight = result[1] if isinstance(result, (tuple, list)) and len(result) == 2 else None
+    if isinstance(weight, torch.Tensor) and (weight.sum(-1) - case.args[5]).abs().max() > 1e-4:
+        return f"each token's weights should sum to routed_scaling_factor = {case.args[5]}"
+    return None
+
+
 def _gate_cases() -> list[Case]:
     def case(seed, N, E, K, n_group, topk_group, low, high, scale=1.0):
         bias = low + (high - low) * torch.rand(E, generator=torch.Generator().manual_seed(seed + 1))
@@ -64,7 +72,7 @@ V3_GATE = Implement(
     hint_text="s = sigmoid(logits); pick with s + bias: view as (N, n_group, E/n_group), score groups by the sum of "
               "their top-2, mask the other groups with -inf, top-k; gather the weights from s (not s + bias), divide "
               "by their sum, times the scaling factor.",
-    reference=v3_gate, cases=_gate_cases, compare=compare_routing,
+    reference=v3_gate, cases=_gate_cases, compare=compare_routing, properties=_weights_sum_to_scale,
     mistakes=(
         Mistake("a softmax gate where V3 uses a sigmoid", "Eq 15: s = Sigmoid(u^T e); V2's softmax couples the experts, "
                 "V3 scores each one on its own.", _gate_with(score="softmax")),

@@ -78,6 +78,7 @@ class Exercise:
     notebook: str           # "00" .. "10"
     statement: str          # the one-line task, citing its source
     hint_text: str
+    details: str = ""       # printed under the statement by task(), e.g. the inputs of a prediction
     kind: str = field(init=False, default="")
 
     @property
@@ -90,6 +91,8 @@ class Exercise:
     # ---- what a notebook cell calls
     def task(self) -> None:
         print(f"[{self.notebook}] {self.name} ({self.kind}): {self.statement}")
+        if self.details:
+            print(self.details)
 
     def hint(self) -> None:
         print(f"hint for {self.name}: {self.hint_text}")

@@ -92,6 +92,19 @@ def _rope_negative(x, start_pos, theta=10000.0):
     return out  # conjugating both sides turns the rotation by -angle
 
 
+def _rope_keeps_lengths(case: Case, out) -> str | None:
+    """RoPE is a rotation of every pair: each pair keeps its length."""
+    x = case.args[0]
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        return None
+    def pair_lengths(t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(-1, (-1, 2)).norm(dim=-1)  # (B, H, T, D/2)
+
+    if (pair_lengths(out) - pair_lengths(x)).abs().max() > 1e-4:
+        return "pairs (2i, 2i+1) changed length, so this is not a rotation of each pair"
+    return None
+
+
 def _rope_cases() -> list[Case]:
     return [Case("x (1, 1, 4, 8), start_pos=0", (randn(10, 1, 1, 4, 8), 0)),
             Case("x (2, 3, 5, 16), start_pos=7", (randn(11, 2, 3, 5, 16), 7)),
@@ -106,7 +119,7 @@ ROPE = Implement(
     hint_text="x[..., 0::2] and x[..., 1::2] are the pairs; the angle table is outer(positions, inv_freq) with "
               "inv_freq = theta ** (-arange(0, D, 2) / D); rotate each pair (a, b) to (a cos - b sin, a sin + b cos) "
               "and interleave the results back with stack(..., dim=-1).flatten(-2).",
-    reference=rope_interleaved, cases=_rope_cases,
+    reference=rope_interleaved, cases=_rope_cases, properties=_rope_keeps_lengths,
     mistakes=(
         Mistake("pairs (i, i + D/2) instead of (2i, 2i+1)", "That is Llama's rotate-half layout. RoFormer's eq 34 "
                 "and DeepSeek's checkpoints rotate neighbouring channels: x[..., 0::2] with x[..., 1::2].",

@@ -129,8 +129,9 @@ EXTRACT_ANSWER = Implement(
 
 REWARD_TABLE = Predict(
     name="reward_table", notebook="06",
-    statement="Predict strict_format_reward for each completion of course_lib.exercises.rl.COMPLETIONS (print them): "
-              "a list of ten 0.0 / 1.0 values.",
+    statement="Predict strict_format_reward for each of the ten completions that ex.task() lists "
+              "(course_lib.exercises.rl.COMPLETIONS): a list of ten 0.0 / 1.0 values.",
+    details="\n".join(f"  {i}: {c!r}" for i, c in enumerate(COMPLETIONS)),
     hint_text="Exactly one think block, then one non-blank answer block, only whitespace outside, no other tag "
               "anywhere (any case). Two of the ten pass.",
     value=[strict_format_reward(c) for c in COMPLETIONS], unit="",

@@ -77,9 +77,11 @@ def call(fn: Callable, case: Case, time_limit: float = DEFAULT_TIME_LIMIT, refer
     worker.start()
     worker.join(time_limit)
     if worker.is_alive():
-        ref = f"; the reference takes {reference_seconds * 1e3:.1f} ms" if reference_seconds is not None else ""
+        ref = "" if reference_seconds is None else f"; the reference takes {_duration(reference_seconds)}"
         raise LearnerProblem(f"too slow: still running after {time_limit:.1f} s on {case.label}{ref}"
-                             + (f". {slow_hint}" if slow_hint else ""))
+                             + (f". {slow_hint}" if slow_hint else "")
+                             + " (the call goes on in the background until it returns; if it never does, restart "
+                               "the kernel)")
     error = box.get("error")
     if isinstance(error, NotImplementedError):
         raise NotAttempted()
@@ -87,6 +89,10 @@ def call(fn: Callable, case: Case, time_limit: float = DEFAULT_TIME_LIMIT, refer
         where = _last_learner_line(error)
         raise LearnerProblem(f"your function raised {type(error).__name__}: {error} on {case.label}{where}")
     return box["value"], box["seconds"]
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds * 1e6:.0f} µs" if seconds < 1e-3 else f"{seconds * 1e3:.1f} ms"
 
 
 def _last_learner_line(error: BaseException) -> str:
@@ -121,6 +127,8 @@ def _describe(value: Any) -> str:
 
 def difference(got: Any, expected: Any, atol: float = 1e-5, rtol: float = 1e-4, what: str = "the result") -> str | None:
     """None if `got` matches `expected` (within atol + rtol·|expected| for floats), else what differs."""
+    if got is None and expected is not None:
+        return f"{what} should be {_describe(expected)}, got None: does the function `return` its result?"
     if isinstance(expected, torch.Tensor):
         if not isinstance(got, torch.Tensor):
             return f"{what} should be a tensor of shape {_shape(expected)}, got {_describe(got)}"
@@ -144,7 +152,7 @@ def difference(got: Any, expected: Any, atol: float = 1e-5, rtol: float = 1e-4, 
         if (err > allowed).any():
             flat = int(err.flatten().argmax())
             at = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), err.shape))
-            return (f"{what} ({_shape(expected)}) differs by up to {err.max().item():.3g} (at index {at}: "
+            return (f"{what} (shape {_shape(expected)}) differs by up to {err.max().item():.3g} (at index {at}: "
                     f"expected {exp_f[at].item():.4g}, got {got_f[at].item():.4g})")
         return None
     if isinstance(expected, (tuple, list)):
