@@ -36,7 +36,8 @@ def test_every_diagram_is_shown_in_a_notebook_as_it_is_in_assets():
         for cell in json.loads(nb_path.read_text())["cells"]:
             for name, bundle in cell.get("attachments", {}).items():
                 assert f"(attachment:{name})" in "".join(cell["source"]), f"{nb_path.name}: {name} not linked"
-                shown[name] = base64.b64decode(bundle["image/svg+xml"])
+                data = bundle["image/svg+xml"]  # nbformat may store a long string as a list of lines
+                shown[name] = base64.b64decode("".join(data) if isinstance(data, list) else data)
     for path in SVGS:
         assert shown.get(path.name) == path.read_bytes(), f"{path.name}: run python tools/embed_diagrams.py"
 
