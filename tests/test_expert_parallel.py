@@ -260,3 +260,15 @@ def test_traffic_matrix_counts_dispatch_out_and_combine_answers():
     assert m[1] == [1 * d + 2 * c, 0, 3 * d]
     assert m[2] == [0, 3 * c, 0]  # rank 2 sent nothing itself: it only answers rank 1's 3 rows
     assert cross_group_bytes(m, 1) == sum(map(sum, m)) and cross_group_bytes(m, 3) == 0
+
+
+@pytest.mark.slow
+def test_benchmark_ep_quick_prints_its_floors(capsys):
+    from course_lib.benchmarks.cli import main
+    status = main(["ep", "--quick"])
+    out = capsys.readouterr().out
+    assert "floor, bytes per token from the split sizes equal the formula: met" in out
+    assert "floor, outputs and gradients within 1e-6 of one process: met" in out
+    assert "not judged (quick run)" in out  # the waiting-time floor needs full sizes
+    assert status == 0
+    assert not no_children_left()

@@ -26,11 +26,11 @@ Checks are plain functions rather than pytest tests run by ipytest: a pytest rep
 learner needs one sentence.
 """
 
-from . import balance, beyond, decoder, experts, heads, rl
+from . import balance, beyond, decoder, experts, heads, parallel, rl
 from .core import KINDS, SOLUTIONS_ENV, Exercise, Experiment, Implement, Mistake, Predict, Result, solutions_on
 
 EXERCISES: dict[str, Exercise] = {}
-for _part in (decoder, heads, experts, balance, rl, beyond):
+for _part in (decoder, heads, experts, balance, rl, beyond, parallel):
     for _ex in _part.EXERCISES:
         if _ex.name in EXERCISES:
             raise ValueError(f"two exercises are named {_ex.name!r}")
