@@ -127,6 +127,15 @@ def check_load_monitor(shown: dict) -> None:
     assert bar["x"] == pytest.approx(ratios[-1][0]) and bar["y"] == y
 
 
+TRAFFIC = [[[0, 100 + 10 * s], [200 - 5 * s, 0]] for s in range(10)]  # (W, W) bytes per step, 2 ranks
+
+
+def check_traffic(shown: dict) -> None:
+    (heat,) = shown["traces"]
+    assert heat["x"] == ["rank 0", "rank 1"] and heat["y"] == ["rank 0", "rank 1"]
+    assert heat["z"] == [pytest.approx(row) for row in widgets.mean_matrix(TRAFFIC)]  # the mean of every step
+
+
 COMPLETIONS = [["<think>1+2 is 3</think><answer>3</answer>", "<answer>4</answer>"],
                ["<think>so 3</think><answer>3</answer>", "3 <answer>3</answer>"],
                ["<think>add</think><answer>3</answer>", "<think>add</think><answer>3</answer>"]]
@@ -173,6 +182,15 @@ CASES = [
               "    monitor.update(step, [load])\n"
               "monitor.finish()"),
         min_states=3, check=check_load_monitor),
+    WidgetCase(
+        "TrafficHeatmap",
+        cells=(f"heatmap = widgets.TrafficHeatmap(title='browser test: traffic', min_interval=0.1)\n"
+               f"TRAFFIC = {TRAFFIC!r}",),
+        loop=("for step, matrix in enumerate(TRAFFIC):  # bytes rank to rank, one matrix a step\n"
+              "    time.sleep(0.1)\n"
+              "    heatmap.update(step, matrix)\n"
+              "heatmap.finish()"),
+        min_states=3, check=check_traffic),
     WidgetCase(
         "CompletionsViewer",
         cells=("import torch\n"
