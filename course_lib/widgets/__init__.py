@@ -16,10 +16,6 @@ each live view also prints a small table of the same numbers when it finishes.
 - `traffic`: the rank-to-rank traffic heatmap of expert parallelism (`TrafficHeatmap`).
 """
 
-from tqdm.auto import tqdm as _auto_bar
-from tqdm.notebook import tqdm_notebook as _notebook_bar
-
-from ..progress import set_progress_bar
 from .cache import BATCH_SIZES, KIND_COLORS, CacheExplorer, explore_table, tokens_label
 from .charts import LAYOUT, LivePlot, bar_chart, in_colab, line_chart, set_plotly_renderer, summary_rows
 from .completions import (
@@ -32,7 +28,17 @@ from .completions import (
 )
 from .dashboard import GRPO_METRIC_TITLES, GRPO_METRICS, TrainingDashboard, dashboard_rows, format_dashboard_rows, smoothed
 from .experts import ExpertLoadMonitor, keep_columns, load_heatmap_data, load_ratios, load_summary
-from .static import STATIC_ENV, LiveView, NotebookBar, PngRenderer, png, png_bundle, static_enabled, widget_bundle
+from .static import (
+    STATIC_ENV,
+    LiveView,
+    NotebookBar,
+    PngRenderer,
+    png,
+    png_bundle,
+    register_progress_bar,
+    static_enabled,
+    widget_bundle,
+)
 from .traffic import TrafficHeatmap, heatmap_text, mean_matrix, traffic_summary
 
 __all__ = [
@@ -56,5 +62,4 @@ __all__ = [
 # package never imports plotly, so this set-up belongs here rather than in `setup_notebook`.
 set_plotly_renderer()
 # In a notebook, training loops' progress bars leave their last line as text (see `static.NotebookBar`).
-if issubclass(_auto_bar, _notebook_bar):
-    set_progress_bar(NotebookBar)
+register_progress_bar()
