@@ -249,8 +249,8 @@ class DeepSeekMoE(nn.Module):
         counting only the positions where `token_mask` (B, T) is True (all of them without a mask)."""
         flat_mask = None if token_mask is None else token_mask.reshape(-1)  # (N,)
         topk_idx, topk_weight, scores = self.gate(x.reshape(-1, x.shape[-1]), flat_mask)  # (N, K), (N, K), (N, E)
-        self.last_scores = scores.reshape(*x.shape[:-1], -1)  # (B, T, E)
-        self.last_topk_idx = topk_idx.reshape(*x.shape[:-1], -1)  # (B, T, K)
+        self.last_scores = scores.reshape(*x.shape[:-1], scores.shape[-1])  # (B, T, E); explicit: B*T may be 0
+        self.last_topk_idx = topk_idx.reshape(*x.shape[:-1], topk_idx.shape[-1])  # (B, T, K)
         self.last_mask = token_mask
         self.last_load = expert_load(topk_idx, len(self.experts), flat_mask)  # (E,)
         return topk_idx, topk_weight

@@ -577,3 +577,22 @@ def test_train_lm_with_tracker_balances_and_capacity_reports_drops():
     assert tracker.steps == list(range(6)) and len(tracker.dropped) == 6 and len(tracker.losses) == 6
     assert all(0.0 <= d < 1.0 for d in tracker.dropped)
     assert all(m.gate.e_score_correction_bias.abs().sum() > 0 for m in moe_layers(model))
+
+
+def test_a_batch_without_tokens_routes_to_nothing():
+    """A rank of expert parallelism (or a filtered batch) can hold no tokens: the layer returns an empty
+    output of the right shape, counts no load, and backward runs."""
+    import torch
+
+    from course_lib.moe import DeepSeekMoE
+    from course_lib.presets import nano_deepseek_config
+    from course_lib.profiles import get_profile
+
+    cfg = nano_deepseek_config(get_profile("cpu"))
+    layer = DeepSeekMoE(cfg)
+    for shape in ((0, 5), (2, 0)):
+        x = torch.zeros(*shape, cfg.hidden_size, requires_grad=True)
+        y = layer(x)
+        y.sum().backward()
+        assert y.shape == x.shape and layer.last_load.sum().item() == 0
+        assert layer.last_topk_idx.shape == (*shape, cfg.num_experts_per_tok)
