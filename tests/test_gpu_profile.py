@@ -13,7 +13,7 @@ from course_lib.model import CourseModel, lm_loss
 from course_lib.mtp import MTPModel, mtp_loss_fn
 from course_lib.presets import mla_config, mtp_config, nano_deepseek_config
 from course_lib.profiles import PROFILES
-from course_lib.recipes import grpo_recipe
+from course_lib.recipes import balancing_configs, grpo_recipe
 from course_lib.tasks import Tokenizer, addition_splits, encode_examples
 from course_lib.train import TrainConfig, make_optimizer
 
@@ -27,11 +27,13 @@ CONFIGS = {  # notebook: the gpu-profile model it trains
     "04 MoE": BASE.replace(ffn="moe", n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=0,
                            moe_intermediate_size=GPU.intermediate_size // 2, scoring_func="softmax",
                            norm_topk_prob=False, n_group=1, topk_group=1),
-    "05 DeepSeekMoE": BASE.replace(ffn="moe", n_routed_experts=16, num_experts_per_tok=3, n_shared_experts=1,
-                                   moe_intermediate_size=GPU.intermediate_size // 4, n_group=4, topk_group=2),
+    "05 coarse": balancing_configs(GPU)["coarse"],
+    "05 DeepSeekMoE": balancing_configs(GPU)["fine"],
     "06 small": BASE.replace(hidden_size=128, intermediate_size=352, num_hidden_layers=3),
     "08 nano-DeepSeek": nano_deepseek_config(GPU),
     "09 MTP main": mtp_config(GPU),
+    "10 expert-parallel MoE": BASE.replace(ffn="moe", n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                                           moe_intermediate_size=GPU.intermediate_size // 2, scoring_func="sigmoid"),
 }
 
 
