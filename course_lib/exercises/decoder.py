@@ -204,7 +204,7 @@ def _overfit(m) -> str | None:
 
 OVERFITTING = Experiment(
     name="overfitting_vs_data", notebook="00",
-    statement="Pretrain the baseline twice, on n_train and on n_train // 4 examples (profile.replace(n_train=...)), "
+    statement="Pretrain the baseline twice, on n_train and on n_train // 4 examples (dataclasses.replace(profile, n_train=...)), "
               "and measure accuracy on training problems and on held-out ones.",
     hint_text="Use course_lib.recipes.pretrain_on_task with a profile whose n_train you change (dataclasses.replace), "
               "then evaluate on train_problems[:200] and eval_problems as section 5 does.",
