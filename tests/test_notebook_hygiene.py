@@ -33,3 +33,25 @@ def test_notebook_is_clean(path):
             assert out["output_type"] != "error", f"an error output: {out.get('ename')}"
             assert out.get("name") != "stderr" or "Traceback" not in "".join(out.get("text", ""))
             assert not MACHINE_PATH.search(json.dumps(out)), "an output shows a path of this machine"
+
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_REPR = re.compile(r"^\s*(FigureWidget|[A-Z]\w*(Box|Widget|Slider|Button|Buttons|Dropdown|Progress|HTML|Output))\(")
+FIRST_FRAME = re.compile(r"\b0%\|")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_notebook_reads_without_a_kernel(path):
+    """What GitHub, nbviewer and JupyterLab show before a run: an image beside every chart, the final state of
+    every live view, no reference to a widget that no longer exists, no repr dump, no bar's first frame."""
+    nb = json.loads(Path(path).read_text())
+    for i, cell in enumerate(nb["cells"]):
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            where = f"cell {i}"
+            assert WIDGET_VIEW not in data, f"{where}: a live widget's reference (run tools/strip_widget_views.py)"
+            if "application/vnd.plotly.v1+json" in data:
+                assert "image/png" in data, f"{where}: a chart without its static image (kaleido missing?)"
+            text = "".join(data.get("text/plain", "")) + "".join(out.get("text", ""))
+            assert not WIDGET_REPR.match(text), f"{where}: a widget's repr instead of a view: {text[:60]!r}"
+            assert not FIRST_FRAME.search(text), f"{where}: a progress bar's first frame"
