@@ -128,8 +128,3 @@ class ExpertLoadMonitor:
                 print(f"final load / mean{f' (layer {layer})' if len(self.ratios[-1]) > 1 else ''}: "
                       + " ".join(f"{v:.1f}" for v in r))
         return rows
-
-    def snapshot(self) -> go.Figure:
-        """A static copy of the figure as last drawn: `.show()` it after `finish()` so a notebook read on the
-        web (no kernel, no widget state) still shows the heatmap."""
-        return go.Figure(self.fig)

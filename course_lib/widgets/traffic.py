@@ -86,7 +86,3 @@ class TrafficHeatmap:
         for i, row in enumerate(m):
             print(f"  rank {i}: " + "  ".join(f"{v:>9,.0f}" for v in row))
         return traffic_summary(m, ranks_per_group)
-
-    def snapshot(self) -> go.Figure:
-        """A static copy of the figure as last drawn, for `.show()`."""
-        return go.Figure(self.fig)
